@@ -1,0 +1,1 @@
+"""Data: bundled multilingual corpus, tokenizer and the multitask DataModule."""
