@@ -1,0 +1,123 @@
+"""Stacked expert FFN weights and the grouped matmul that runs them.
+
+Legend: N dispatched rows (expert-contiguous), H hidden, F ffn, E local experts.
+
+Weights are stacked per expert (``w1_EHF``, ``w3_EHF``, ``w2_EFH``), not a ModuleList of
+Linear layers, so a grouped GEMM runs every expert in one call and a checkpoint can key each
+expert's slice by its global index.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+def _grouped_mm_supported(x_NH: Tensor, w_EHF: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can run these operands (forward and backward)."""
+    if not hasattr(torch, "_grouped_mm") or not x_NH.is_cuda:
+        return False
+    if x_NH.dtype != torch.bfloat16 or w_EHF.dtype != torch.bfloat16:
+        return False
+    if torch.cuda.get_device_capability(x_NH.device)[0] < 9:
+        return False
+    # Row strides must be multiples of 16 bytes (8 bf16 elements).
+    return x_NH.shape[-1] % 8 == 0 and w_EHF.shape[-1] % 8 == 0
+
+
+def grouped_mm(x_NH: Tensor, w_EHF: Tensor, counts_E: Tensor) -> Tensor:
+    """Row-grouped matmul: rows ``[start_e, end_e)`` of ``x_NH`` times ``w_EHF[e]``.
+
+    Uses ``torch._grouped_mm`` where it is available and supported (CUDA, bf16, Hopper or newer),
+    and a per-expert loop of ``torch.mm`` elsewhere (the reference path; every dtype, CPU too).
+
+    Args:
+        x_NH: ``[N, H]`` rows in expert-contiguous order.
+        w_EHF: ``[E, H, F]`` stacked weights.
+        counts_E: ``[E]`` rows per expert (sums to N).
+
+    Returns:
+        ``[N, F]``.
+    """
+    if _grouped_mm_supported(x_NH, w_EHF):
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return torch._grouped_mm(x_NH, w_EHF, offs=offs_E)
+    counts = counts_E.tolist()
+    out_NF = x_NH.new_empty(x_NH.shape[0], w_EHF.shape[-1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            out_NF[start : start + n] = x_NH[start : start + n] @ w_EHF[e]
+        start += n
+    return out_NF
+
+
+class GroupedExperts(nn.Module):
+    """``E`` feed-forward experts with stacked weights.
+
+    Args:
+        num_experts: experts held by this module (the local experts under expert parallelism).
+        hidden_size: H.
+        ffn_hidden_size: F.
+        activation: ``"swiglu"`` (``w2(silu(x w1) * x w3)``), ``"gelu"`` or ``"relu"`` (``w2(act(x w1))``).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATIONS}")
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        if activation == "swiglu":
+            self.w3 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        else:
+            self.register_parameter("w3", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fan-in scaled normal init, per expert (same scale as a Linear layer of that shape)."""
+        nn.init.normal_(self.w1, std=1.0 / math.sqrt(self.hidden_size))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.ffn_hidden_size))
+        if self.w3 is not None:
+            nn.init.normal_(self.w3, std=1.0 / math.sqrt(self.hidden_size))
+
+    def forward(self, x_NH: Tensor, counts_E: Tensor) -> Tensor:
+        """Run each expert on its contiguous block of rows.
+
+        Args:
+            x_NH: ``[N, H]`` rows sorted by local expert.
+            counts_E: ``[E]`` rows per local expert.
+
+        Returns:
+            ``[N, H]`` expert outputs, row-aligned with ``x_NH``.
+        """
+        dtype = x_NH.dtype
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        h_NF = grouped_mm(x_NH, w1, counts_E)
+        if self.activation == "swiglu":
+            h_NF = F.silu(h_NF) * grouped_mm(x_NH, self.w3.to(dtype), counts_E)
+        elif self.activation == "gelu":
+            h_NF = F.gelu(h_NF)
+        else:
+            h_NF = F.relu(h_NF)
+        return grouped_mm(h_NF, w2, counts_E)
+
+    def expert_forward(self, e: int, x_TH: Tensor) -> Tensor:
+        """One expert on arbitrary rows (a readable reference for tests)."""
+        h = x_TH @ self.w1[e]
+        if self.activation == "swiglu":
+            h = F.silu(h) * (x_TH @ self.w3[e])
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:
+            h = F.relu(h)
+        return h @ self.w2[e]

@@ -1,0 +1,304 @@
+"""The Mixture-of-Experts layer: route, dispatch, experts, combine.
+
+Legend: T tokens, H hidden, F ffn, E global experts, L local experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_moe.moe.dispatch import ExpertParallelGroup, TokenDispatcher
+from lightning_moe.moe.experts import ACTIVATIONS, GroupedExperts
+from lightning_moe.moe.router import Router
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class MoEStats:
+    """Statistics of one forward of a :class:`MoE` layer, for monitoring (all detached tensors).
+
+    Attributes:
+        tokens_per_expert: ``[E]`` float32 (token, choice) assignments per global expert before
+            capacity dropping, from this rank's tokens.
+        kept_per_expert: ``[E]`` float32, the same after dropping.
+        num_tokens: non-padding tokens routed on this rank.
+        dropped: (token, choice) pairs dropped by capacity.
+        router_entropy_sum: sum over tokens of the router distribution's entropy.
+        aux_loss: unweighted load-balancing loss.
+        z_loss: unweighted router z-loss.
+    """
+
+    tokens_per_expert: Tensor
+    kept_per_expert: Tensor
+    num_tokens: Tensor
+    dropped: Tensor
+    router_entropy_sum: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer (Kim et al. 2021; GShard/DeepSpeed-MoE semantics).
+
+    ``y = moe(x)`` maps ``x [..., H]`` to ``y [..., H]``. Tokens an expert had no room for
+    contribute 0 (the surrounding residual connection carries them). After every forward,
+    ``moe.aux_loss`` holds the weighted load-balancing + z-loss (add it to the training loss) and
+    ``moe.last_stats`` the :class:`MoEStats` for monitoring.
+
+    Args:
+        hidden_size: H, model width.
+        ffn_hidden_size: F, hidden width of each expert.
+        num_experts: E, global number of experts.
+        top_k: experts per token, in ``[1, E]``.
+        capacity_factor: slots per expert relative to a perfectly balanced load in training;
+            ``None`` is dropless (every choice is computed).
+        eval_capacity_factor: capacity factor in eval mode; ``None`` uses ``capacity_factor``.
+        min_capacity: lower bound on slots per expert in capacity mode.
+        random_token_selection: Random Token Selection: an over-full expert keeps a uniformly
+            random subset of its tokens (training only) instead of the earliest ones.
+        router_jitter: multiplicative input jitter epsilon for the router, training only.
+        aux_loss_weight: weight of the load-balancing loss in ``aux_loss``.
+        z_loss_weight: weight of the router z-loss in ``aux_loss``.
+        activation: expert FFN, ``"swiglu"``, ``"gelu"`` or ``"relu"``.
+        backend: ``"torch"`` (reference, every device and dtype), ``"triton"`` (fused CUDA
+            kernels) or ``"auto"`` (Triton on CUDA, torch elsewhere).
+        num_shared_experts: DeepSeek-style shared experts every token passes through (0 = off);
+            they form one dense FFN of width ``num_shared_experts * ffn_hidden_size``.
+
+    Raises:
+        ValueError: on an invalid configuration, naming the value and the fix.
+
+    Example:
+        >>> moe = MoE(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2)
+        >>> moe(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int = 2,
+        capacity_factor: float | None = 1.25,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        random_token_selection: bool = True,
+        router_jitter: float = 0.0,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+        activation: str = "swiglu",
+        backend: str = "auto",
+        num_shared_experts: int = 0,
+    ) -> None:
+        super().__init__()
+        _validate(
+            hidden_size, ffn_hidden_size, num_experts, top_k, capacity_factor, eval_capacity_factor,
+            min_capacity, router_jitter, aux_loss_weight, z_loss_weight, activation, backend, num_shared_experts,
+        )  # fmt: skip
+        self.hidden_size = hidden_size
+        self.ffn_hidden_size = ffn_hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.backend = backend
+        self.router = Router(
+            hidden_size, num_experts, top_k, capacity_factor, eval_capacity_factor,
+            min_capacity, random_token_selection, router_jitter,
+        )  # fmt: skip
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation)
+        self.shared_experts = (
+            GroupedExperts(1, hidden_size, ffn_hidden_size * num_shared_experts, activation)
+            if num_shared_experts > 0
+            else None
+        )
+        self.dispatcher = TokenDispatcher(num_experts)
+        self.expert_offset = 0
+        self.aux_loss: Tensor | None = None
+        self.last_stats: MoEStats | None = None
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by this rank (all of them without expert parallelism)."""
+        return self.experts.num_experts
+
+    def shard_experts(self, ep: ExpertParallelGroup) -> None:
+        """Keep only this rank's experts and exchange tokens over ``ep.group`` from now on.
+
+        Called by :class:`~lightning_moe.ExpertParallelStrategy` at setup, before the optimizer
+        is built. The kept slices are this rank's experts ``[rank * L, (rank + 1) * L)`` of the
+        layer as initialised, so a sharded run starts from the same weights as a single process.
+
+        Args:
+            ep: the expert-parallel group and this rank's place in it.
+
+        Raises:
+            ValueError: if ``num_experts`` is not divisible by the group size, or the layer is
+                already sharded.
+        """
+        if self.num_local_experts != self.num_experts:
+            raise ValueError(
+                f"this MoE layer is already sharded ({self.num_local_experts} of {self.num_experts} experts local); "
+                "call shard_experts once"
+            )
+        if self.num_experts % ep.size != 0:
+            raise ValueError(
+                f"num_experts={self.num_experts} is not divisible by expert_parallel_size={ep.size}; "
+                f"choose an expert_parallel_size that divides {self.num_experts}"
+            )
+        L = self.num_experts // ep.size
+        start = ep.rank * L
+        experts = self.experts
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                param = getattr(experts, name)
+                if param is not None:
+                    setattr(experts, name, nn.Parameter(param[start : start + L].clone()))
+        experts.num_experts = L
+        self.expert_offset = start
+        self.dispatcher = TokenDispatcher(self.num_experts, ep)
+
+    def _use_triton(self, x: Tensor) -> bool:
+        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
+            return False
+        from lightning_moe.kernels import triton_available
+
+        return triton_available(x.device, warn=self.backend == "triton")
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Apply the layer.
+
+        Args:
+            x: ``[..., H]`` input.
+            padding_mask: optional bool ``[...]`` (``x.shape[:-1]``); True marks padding tokens,
+                which are neither routed nor counted and get output 0.
+
+        Returns:
+            ``[..., H]``, the same dtype as ``x``.
+
+        Raises:
+            ValueError: if the last dimension of ``x`` is not ``hidden_size`` or the mask's shape
+                does not match.
+        """
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoE got input with last dimension {x.shape[-1]} (shape {tuple(x.shape)}) but hidden_size="
+                f"{self.hidden_size}; pass [..., {self.hidden_size}] tensors or build the layer with "
+                f"hidden_size={x.shape[-1]}"
+            )
+        if padding_mask is not None and padding_mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"padding_mask has shape {tuple(padding_mask.shape)} but x has shape {tuple(x.shape)}; "
+                f"padding_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])}"
+            )
+        x_TH = x.reshape(-1, self.hidden_size)
+        mask_T = None if padding_mask is None else padding_mask.reshape(-1).bool()
+        compute_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        use_triton = self._use_triton(x)
+        if use_triton:
+            from lightning_moe.kernels import triton_route
+
+            routing = triton_route(self.router, x_TH, mask_T)
+        else:
+            routing = self.router(x_TH, mask_T)
+        if use_triton:
+            from lightning_moe.kernels import triton_moe_experts
+
+            y_TH, kept_E = triton_moe_experts(self, x_TH.to(compute_dtype), routing)
+        else:
+            rows, counts_L, kept_E, state = self.dispatcher.dispatch(x_TH.to(compute_dtype), routing)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out_rows = self.experts(rows, counts_L)
+            y_TH = self.dispatcher.combine(out_rows, state)
+        if self.shared_experts is not None:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                shared = self.shared_experts.expert_forward(0, x_TH.to(compute_dtype))
+            if mask_T is not None:
+                shared = shared * (~mask_T)[:, None].to(shared.dtype)
+            y_TH = y_TH + shared
+
+        self.aux_loss = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
+        kept_E = kept_E.detach().float()
+        self.last_stats = MoEStats(
+            tokens_per_expert=routing.tokens_per_expert.detach().float(),
+            kept_per_expert=kept_E,
+            num_tokens=routing.num_tokens.detach().float(),
+            dropped=routing.tokens_per_expert.detach().float().sum() - kept_E.sum(),
+            router_entropy_sum=routing.entropy_sum.float(),
+            aux_loss=routing.aux_loss.detach().float(),
+            z_loss=routing.z_loss.detach().float(),
+        )
+        return y_TH.to(x.dtype).view(x.shape)
+
+    @torch.no_grad()
+    def reference_forward(self, x_TH: Tensor, routing_weights_TK: Tensor, expert_indices_TK: Tensor) -> Tensor:
+        """Naive per-token mixture ``sum_k w_k * expert_k(x)`` (all experts local; for tests)."""
+        out = torch.zeros_like(x_TH)
+        for t in range(x_TH.shape[0]):
+            for k in range(expert_indices_TK.shape[1]):
+                w = routing_weights_TK[t, k]
+                if w != 0:
+                    out[t] += w * self.experts.expert_forward(int(expert_indices_TK[t, k]), x_TH[t : t + 1])[0]
+        return out
+
+
+def _validate(
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float | None,
+    eval_capacity_factor: float | None,
+    min_capacity: int,
+    router_jitter: float,
+    aux_loss_weight: float,
+    z_loss_weight: float,
+    activation: str,
+    backend: str,
+    num_shared_experts: int,
+) -> None:
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size={hidden_size} must be a positive integer")
+    if ffn_hidden_size < 1:
+        raise ValueError(f"ffn_hidden_size={ffn_hidden_size} must be a positive integer")
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be at least 1; use num_experts >= 1 (1 is a dense FFN)")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"top_k={top_k} must be between 1 and num_experts={num_experts}; choose top_k <= {num_experts} "
+            "or add experts"
+        )
+    for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if value is not None and value <= 0:
+            raise ValueError(
+                f"{name}={value} must be positive; use a value > 0 (1.0-2.0 is typical) or None for dropless"
+            )
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+    if not 0 <= router_jitter < 1:
+        raise ValueError(f"router_jitter={router_jitter} must be in [0, 1); 0 turns jitter off, 0.01 is typical")
+    if aux_loss_weight < 0 or z_loss_weight < 0:
+        raise ValueError(
+            f"aux_loss_weight={aux_loss_weight} and z_loss_weight={z_loss_weight} must be >= 0; use 0 to turn a loss off"
+        )
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATIONS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
+    if num_shared_experts < 0:
+        raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0 (0 turns shared experts off)")
+
+
+def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
+    """All MoE layers inside ``module`` with their qualified names, in registration order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, MoE)]
+
+
+__all__ = ["MoE", "MoEStats", "moe_layers"]
