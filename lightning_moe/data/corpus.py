@@ -194,9 +194,7 @@ def read_jsonl(path: str | Path) -> list[ParallelExample]:
                 'like {"src_lang": "en", "tgt_lang": "de", "src": "...", "tgt": "..."}'
             ) from e
         if not isinstance(record, dict):
-            raise CorpusError(
-                f"{where}: expected a JSON object with fields {list(_JSONL_FIELDS)}, got {record!r:.80}"
-            )
+            raise CorpusError(f"{where}: expected a JSON object with fields {list(_JSONL_FIELDS)}, got {record!r:.80}")
         for field in _JSONL_FIELDS:
             if not isinstance(record.get(field), str):
                 raise CorpusError(
@@ -208,6 +206,11 @@ def read_jsonl(path: str | Path) -> list[ParallelExample]:
             tgt_lang = check_language(record["tgt_lang"], where)
         except ValueError as e:
             raise CorpusError(str(e)) from None
+        if src_lang == tgt_lang:
+            raise CorpusError(
+                f"{where}: src_lang and tgt_lang are both {src_lang!r}; a translation pair needs two "
+                "different languages (monolingual text is used for denoising automatically)"
+            )
         src, tgt = record["src"].strip(), record["tgt"].strip()
         if src and tgt:
             examples.append(ParallelExample(src_lang, tgt_lang, src, tgt))
@@ -232,9 +235,7 @@ def read_corpus(data_dir: str | Path) -> dict[str, list[ParallelExample]]:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise CorpusError(
-            f"data_dir={str(root)!r} is not a directory; pass a directory of corpus files or None"
-        )
+        raise CorpusError(f"data_dir={str(root)!r} is not a directory; pass a directory of corpus files or None")
     corpus: dict[str, list[ParallelExample]] = {split: [] for split in SPLITS}
     aligned: dict[tuple[str, str, str], dict[str, Path]] = {}
     for path in sorted(root.iterdir()):
@@ -254,6 +255,11 @@ def read_corpus(data_dir: str | Path) -> dict[str, list[ParallelExample]]:
                     check_language(code, str(path))
                 except ValueError as e:
                     raise CorpusError(str(e)) from None
+            if src == tgt:
+                raise CorpusError(
+                    f"{path}: the pair {src}-{tgt} has the same language on both sides; "
+                    "name the files {split}.{src}-{tgt}.{lang} with two different languages"
+                )
             if lang not in (src, tgt):
                 raise CorpusError(
                     f"{path}: language suffix {lang!r} is neither side of the pair {src}-{tgt}; name the "
@@ -265,9 +271,7 @@ def read_corpus(data_dir: str | Path) -> dict[str, list[ParallelExample]]:
         if missing:
             present = next(iter(files.values()))
             expected = present.with_name(f"{present.name.rsplit('.', 1)[0]}.{missing[0]}")
-            raise CorpusError(
-                f"{present}: its parallel partner {expected} is missing; add it or remove {present}"
-            )
+            raise CorpusError(f"{present}: its parallel partner {expected} is missing; add it or remove {present}")
         corpus[split].extend(read_line_aligned(files[src], files[tgt], src, tgt))
     return corpus
 

@@ -1,0 +1,103 @@
+"""Temperature-based sampling over translation directions and denoising languages.
+
+With ``n_i`` training examples in group ``i`` (a direction such as ``en-de``, or a
+language for denoising), the group is drawn with probability
+``p_i = n_i^(1/T) / sum_j n_j^(1/T)`` (Arivazhagan et al. 2019; Kim et al. 2021 use
+``T = 5``). ``T = 1`` samples in proportion to data size, large ``T`` approaches
+uniform, which up-samples low-resource languages. Within a group, examples are
+drawn uniformly, with replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["TemperatureSampler", "temperature_probabilities"]
+
+
+def temperature_probabilities(counts: Sequence[int], temperature: float) -> list[float]:
+    """Return ``n_i^(1/T) / sum_j n_j^(1/T)`` for each count (groups with ``n_i = 0`` get 0).
+
+    Args:
+        counts: Number of examples per group.
+        temperature: The temperature ``T > 0``.
+
+    Returns:
+        Probabilities summing to 1.
+
+    Raises:
+        ValueError: If ``temperature <= 0``, a count is negative, or all counts are 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (1 = proportional, 5 = paper default)")
+    if any(c < 0 for c in counts) or not any(c > 0 for c in counts):
+        raise ValueError(f"counts={list(counts)} must be non-negative with at least one positive")
+    scaled = [c ** (1.0 / temperature) if c > 0 else 0.0 for c in counts]
+    total = sum(scaled)
+    return [s / total for s in scaled]
+
+
+class TemperatureSampler(Sampler[tuple[int, int]]):
+    """Draw ``num_samples`` examples per epoch from weighted groups, with replacement.
+
+    The dataset is the concatenation of the groups: group ``g`` owns flat indices
+    ``offset_g .. offset_g + size_g - 1``. Each draw yields ``(flat_index, seed)``, where
+    ``seed`` is a fresh 62-bit integer for any per-example randomness (the denoising
+    noise), so the whole stream depends only on ``seed`` and the epoch, not on the
+    number of workers or devices. Lightning calls :meth:`set_epoch` each epoch, also
+    through its distributed sampler wrapper.
+    """
+
+    def __init__(self, group_sizes: Sequence[int], weights: Sequence[float], num_samples: int, seed: int = 0) -> None:
+        """Create the sampler.
+
+        Args:
+            group_sizes: Number of examples in each group (may be 0 where the weight is 0).
+            weights: Non-negative sampling weight of each group (normalised here).
+            num_samples: Draws per epoch.
+            seed: Base seed; epoch ``e`` uses ``seed + e``.
+
+        Raises:
+            ValueError: On mismatched lengths, a positive weight on an empty group,
+                no positive weight, or ``num_samples < 1``.
+        """
+        if len(group_sizes) != len(weights):
+            raise ValueError(f"got {len(group_sizes)} group sizes but {len(weights)} weights; pass one per group")
+        if num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be >= 1")
+        for size, weight in zip(group_sizes, weights, strict=True):
+            if weight < 0 or (weight > 0 and size <= 0):
+                raise ValueError(
+                    f"group of size {size} has weight {weight}; weights must be >= 0 and 0 for empty groups"
+                )
+        if not any(w > 0 for w in weights):
+            raise ValueError(f"weights={list(weights)} has no positive entry")
+        self.group_sizes = list(group_sizes)
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+        offsets = [0]
+        for size in self.group_sizes:
+            offsets.append(offsets[-1] + size)
+        self._offsets = torch.tensor(offsets[:-1], dtype=torch.long)
+        self._sizes = torch.tensor(self.group_sizes, dtype=torch.long)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch`` on the next iteration."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        uniform = torch.rand(self.num_samples, generator=generator, dtype=torch.float64)
+        within = (uniform * self._sizes[groups]).long().clamp_max(self._sizes[groups] - 1)
+        flat = self._offsets[groups] + within
+        seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        return iter(zip(flat.tolist(), seeds.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return self.num_samples
