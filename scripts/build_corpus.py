@@ -4,7 +4,8 @@ Django ships human translations of its user-facing strings (BSD-3-Clause) as
 gettext ``.po`` catalogs: ``django/conf/locale/<locale>/LC_MESSAGES/django.po`` and
 ``django/contrib/<app>/locale/<locale>/LC_MESSAGES/django{,js}.po``. Each entry pairs
 an English ``msgid`` with its translation ``msgstr``. This script turns them into
-``lightning_moe/data/corpus/{train,validation,test}.jsonl.gz`` (English-centric,
+``lightning_moe/data/corpus/{train,validation,test}.jsonl.gz`` plus Django's license as
+``LICENSE.django`` (English-centric,
 ``src_lang="en"``), split by a hash of the English sentence so that one English
 sentence never appears in two splits.
 
@@ -57,9 +58,7 @@ LANGUAGES: dict[str, str] = {
     "zh": "zh_Hans",
 }
 
-_CATALOG_RE = re.compile(
-    r"(?:^|/)django/(?:conf|contrib/[a-z_]+)/locale/([A-Za-z_@]+)/LC_MESSAGES/[a-z]+\.po$"
-)
+_CATALOG_RE = re.compile(r"(?:^|/)django/(?:conf|contrib/[a-z_]+)/locale/([A-Za-z_@]+)/LC_MESSAGES/[a-z]+\.po$")
 _PLACEHOLDER_RE = re.compile(r"%(?:\([^)]*\))?[-#0 +]*\d*(?:\.\d+)?[sdrifxXeEgGc%]|\{[^{}]*\}")
 # The English plural msgid is paired with the target form used for this count.
 _PLURAL_N = 5
@@ -138,9 +137,7 @@ def parse_po(text: str) -> list[dict[str, object]]:
 def _plural_index(entries: list[dict[str, object]], catalog: str) -> Callable[[int], int]:
     """Return the catalog's Plural-Forms function n -> index into msgstr[]."""
     header = next((e for e in entries if e["msgid"] == ""), None)
-    forms = (
-        [] if header is None else re.findall(r"Plural-Forms:.*?plural=([^;\n]+)", str(header["msgstr"][0]))
-    )  # type: ignore[index]
+    forms = [] if header is None else re.findall(r"Plural-Forms:.*?plural=([^;\n]+)", str(header["msgstr"][0]))  # type: ignore[index]
     if not forms:
         return lambda n: 0 if n == 1 else 1
     return gettext.c2py(forms[0])
@@ -171,6 +168,19 @@ def _catalogs(source: Path) -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def _license_text(source: Path) -> str | None:
+    """Django's BSD-3 LICENSE from the wheel's or the installation's dist-info, if present."""
+    if source.is_file():
+        with zipfile.ZipFile(source) as wheel:
+            for name in sorted(wheel.namelist()):
+                if re.fullmatch(r"[Dd]jango-[^/]+\.dist-info/(?:licenses/)?LICENSE", name):
+                    return wheel.read(name).decode("utf-8")
+        return None
+    for candidate in sorted(source.resolve().parent.glob("[Dd]jango-*.dist-info/**/LICENSE")):
+        return candidate.read_text("utf-8")
+    return None
+
+
 def build(source: Path, max_chars: int) -> dict[str, list[dict[str, str]]]:
     """Build the split corpus from Django catalogs."""
     catalogs = _catalogs(source)
@@ -186,9 +196,7 @@ def build(source: Path, max_chars: int) -> dict[str, list[dict[str, str]]]:
                 if entry.get("fuzzy") or entry.get("obsolete") or not entry["msgid"]:
                     continue
                 forms: list[str] = entry.get("msgstr") or []  # type: ignore[assignment]
-                candidates = [
-                    (str(entry["msgid"]), forms[plural_index(1)] if "msgid_plural" in entry else forms[0])
-                ]
+                candidates = [(str(entry["msgid"]), forms[plural_index(1)] if "msgid_plural" in entry else forms[0])]
                 if "msgid_plural" in entry:
                     candidates.append((str(entry["msgid_plural"]), forms[plural_index(_PLURAL_N)]))
                 for english, translated in candidates:
@@ -230,9 +238,7 @@ def stats_table(splits: dict[str, list[dict[str, str]]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "source", type=Path, help="Django wheel (.whl) or installed django/ package directory"
-    )
+    parser.add_argument("source", type=Path, help="Django wheel (.whl) or installed django/ package directory")
     parser.add_argument(
         "--out",
         type=Path,
@@ -243,6 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     splits = build(args.source, args.max_chars)
     write(splits, args.out)
+    license_text = _license_text(args.source)
+    if license_text is None:
+        print("warning: Django's LICENSE not found; copy it to LICENSE.django by hand", file=sys.stderr)
+    else:
+        (args.out / "LICENSE.django").write_text(license_text, encoding="utf-8")
     print(stats_table(splits))
     print(f"wrote {', '.join(f'{s}.jsonl.gz' for s in SPLITS)} to {args.out}", file=sys.stderr)
 
