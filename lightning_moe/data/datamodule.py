@@ -86,8 +86,9 @@ class _TrainDataset(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        flat, seed = key
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        # A plain index (from a sampler other than TemperatureSampler) seeds the noise with itself.
+        flat, seed = (key, key) if isinstance(key, int) else key
         g = bisect_right(self.offsets, flat) - 1
         group, i = self.groups[g], flat - self.offsets[g]
         tok = self.tokenizer
