@@ -1,26 +1,17 @@
-"""Triton kernels for the MoE layer (fused router, gather/scatter-fused grouped GEMMs).
+"""Triton kernels for the MoE layer: fused router, gather/scatter-fused grouped GEMMs, combine.
 
-Until the fused kernels land, :func:`triton_available` reports False and ``MoE(backend="triton")``
-falls back to the torch path with a warning.
+Importing this package does not import Triton; the kernel modules (``router``, ``grouped_gemm``,
+``combine``, ``moe_ffn``) do, and are imported on first use.
 """
 
-from __future__ import annotations
+from lightning_moe.kernels.availability import interpreter_enabled, triton_available, unavailable_reason
+from lightning_moe.kernels.hooks import expert_sorted_pairs, triton_moe_experts, triton_route
 
-import warnings
-
-import torch
-
-
-def triton_available(device: torch.device, warn: bool = False) -> bool:
-    """Whether the Triton kernels can run on ``device``.
-
-    Args:
-        device: the device the layer runs on.
-        warn: emit a warning naming the reason when they cannot.
-    """
-    if warn:
-        warnings.warn(
-            f"MoE(backend='triton'): fused Triton kernels are not available on {device}; using the torch backend",
-            stacklevel=3,
-        )
-    return False
+__all__ = [
+    "expert_sorted_pairs",
+    "interpreter_enabled",
+    "triton_available",
+    "triton_moe_experts",
+    "triton_route",
+    "unavailable_reason",
+]

@@ -1,0 +1,439 @@
+"""Fused router: logits, then one pass over them for gating, counts, losses and capacity slots.
+
+Legend: T tokens, H hidden, E experts, K top-k, B token blocks (of BLOCK_T priority slots),
+P = T * K (token, choice) pairs, N kept pairs (rows of the expert-sorted order).
+
+Four launches, no atomics, no host sync (except ``num_tokens`` under a padding mask, which the
+capacity formula needs on the host, as in the reference):
+
+1. ``_logits_kernel``: ``logits_TE = x_TH @ W_EH^T`` in float32. A bf16/fp16 ``x`` is exact in
+   both halves of ``W = W_hi + W_lo`` (each in ``x``'s dtype), so two tensor-core dots with fp32
+   accumulation give logits within about 2^-16 relative of the float32 reference, at the speed of
+   a bf16 GEMM; a float32 ``x`` (router jitter) uses a float32 dot.
+2. ``_gate_kernel``: per block of tokens in priority order (token order, or a random permutation
+   for Random Token Selection): softmax, log-sum-exp, entropy, top-k (lowest index wins ties),
+   the rank of each (token, choice) among the block's pairs of the same (choice level, expert),
+   the block's histogram ``hist_BKE``, and the block's partial sums for the aux loss and z-loss.
+3. ``_scan_kernel``: per expert, an exclusive scan of the histograms over (level, block): the slot
+   offset of each block, the per-expert counts, and the column sums of the probabilities.
+4. ``_assign_kernel``: per block: position = offset + rank, kept = position < capacity, combine
+   weights (renormalised over kept choices for K > 1), and the expert-sorted permutation
+   ``row_pair_N`` (row ``start_e + position`` holds pair ``t * K + k``: slot order inside an
+   expert, which is priority order, so the permutation is deterministic). Program 0 also writes
+   the aux loss, z-loss, entropy sum and token count.
+
+The backward (``_router_bwd_kernel``) forms ``dlogits_TE`` from the gradients of the combine
+weights, the aux loss and the z-loss in one pass; ``dx`` and ``dW`` are two float32 matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_moe.kernels.availability import interpreter_enabled
+from lightning_moe.moe.router import RoutingResult, compute_capacity
+
+
+@triton.jit
+def _logits_kernel(
+    x_ptr, w_hi_ptr, w_lo_ptr, out_ptr, T, H, E, stride_x, stride_w,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_h = tl.arange(0, BLOCK_H)
+    t_mask = offs_t < T
+    e_mask = offs_e < E
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_h[None, :]
+    w_offs = offs_e.to(tl.int64)[None, :] * stride_w + offs_h[:, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h_mask = offs_h + h0 < H
+        a = tl.load(x_ptrs + h0, mask=t_mask[:, None] & h_mask[None, :], other=0.0)
+        b_mask = h_mask[:, None] & e_mask[None, :]
+        b = tl.load(w_hi_ptr + w_offs + h0, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SPLIT:
+            b = tl.load(w_lo_ptr + w_offs + h0, mask=b_mask, other=0.0)
+            acc = tl.dot(a, b, acc)
+    out_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
+    tl.store(out_ptrs, acc, mask=t_mask[:, None] & e_mask[None, :])
+
+
+@triton.jit
+def _gate_kernel(
+    logits_ptr, valid_ptr, perm_ptr, probs_ptr, lse_ptr, idx_ptr, topp_ptr, rank_ptr,
+    hist_ptr, psum_ptr, stats_ptr, T, E,
+    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = offs_p < T
+    if HAS_PERM:
+        tok = tl.load(perm_ptr + offs_p, mask=p_mask, other=0)
+    else:
+        tok = offs_p
+    tok = tok.to(tl.int64)
+    valid = p_mask
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
+    valid_f = valid.to(tl.float32)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    te_mask = p_mask[:, None] & e_mask[None, :]
+    logits = tl.load(logits_ptr + tok[:, None] * E + offs_e[None, :], mask=te_mask, other=0.0)
+    logits = tl.where(e_mask[None, :], logits, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    ex = tl.exp(logits - row_max[:, None])
+    denom = tl.sum(ex, axis=1)
+    probs = ex / denom[:, None]
+    lse = row_max + tl.log(denom)
+    tl.store(probs_ptr + tok[:, None] * E + offs_e[None, :], probs, mask=te_mask)
+    tl.store(lse_ptr + tok, lse, mask=p_mask)
+    plogp = tl.where(e_mask[None, :], probs * tl.log(tl.maximum(probs, 1e-30)), 0.0)
+    entropy = -tl.sum(plogp, axis=1)
+
+    work = tl.where(e_mask[None, :], probs, -1.0)
+    for k in tl.static_range(K):
+        top_p = tl.max(work, axis=1)
+        top_e = tl.min(tl.where(work == top_p[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        onehot = offs_e[None, :] == top_e[:, None]
+        counted = (onehot & valid[:, None]).to(tl.int32)
+        rank = tl.sum(tl.where(onehot, tl.cumsum(counted, axis=0) - 1, 0), axis=1)
+        tl.store(idx_ptr + tok * K + k, top_e.to(tl.int64), mask=p_mask)
+        tl.store(topp_ptr + tok * K + k, top_p, mask=p_mask)
+        tl.store(rank_ptr + tok * K + k, rank, mask=p_mask)
+        tl.store(hist_ptr + (b * K + k) * E + offs_e, tl.sum(counted, axis=0), mask=e_mask)
+        work = tl.where(onehot, -2.0, work)
+    tl.store(psum_ptr + b * E + offs_e, tl.sum(probs * valid_f[:, None], axis=0), mask=e_mask)
+    tl.store(stats_ptr + b * 2, tl.sum(valid_f * lse * lse, axis=0))
+    tl.store(stats_ptr + b * 2 + 1, tl.sum(valid_f * entropy, axis=0))
+
+
+@triton.jit
+def _scan_kernel(
+    hist_ptr, offsets_ptr, psum_part_ptr, counts_ptr, kept_ptr, psum_ptr, B, E, capacity,
+    K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask = (offs_b < B)[:, None] & (offs_e < E)[None, :]
+    carry = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for k in tl.static_range(K):
+        ptrs = (offs_b[:, None] * K + k) * E + offs_e[None, :]
+        h = tl.load(hist_ptr + ptrs, mask=mask, other=0)
+        tl.store(offsets_ptr + ptrs, tl.cumsum(h, axis=0) - h + carry[None, :], mask=mask)
+        carry += tl.sum(h, axis=0)
+    e_mask = offs_e < E
+    tl.store(counts_ptr + offs_e, carry.to(tl.float32), mask=e_mask)
+    tl.store(kept_ptr + offs_e, tl.minimum(carry, capacity), mask=e_mask)
+    psum = tl.load(psum_part_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0.0)
+    tl.store(psum_ptr + offs_e, tl.sum(psum, axis=0), mask=e_mask)
+
+
+@triton.jit
+def _assign_kernel(
+    perm_ptr, valid_ptr, idx_ptr, topp_ptr, rank_ptr, offsets_ptr, kept_e_ptr, counts_ptr, psum_ptr,
+    stats_ptr, kept_ptr, weights_ptr, row_pair_ptr, losses_ptr,
+    T, E, B, capacity, aux_scale, num_tokens, eps,
+    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = offs_p < T
+    if HAS_PERM:
+        tok = tl.load(perm_ptr + offs_p, mask=p_mask, other=0)
+    else:
+        tok = offs_p
+    tok = tok.to(tl.int64)
+    valid = p_mask
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
+    offs_e = tl.arange(0, BLOCK_E)
+    kept_e = tl.load(kept_e_ptr + offs_e, mask=offs_e < E, other=0)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        e = tl.load(idx_ptr + tok * K + k, mask=p_mask, other=0).to(tl.int32)
+        pos = tl.load(rank_ptr + tok * K + k, mask=p_mask, other=0)
+        pos += tl.load(offsets_ptr + (b * K + k) * E + e, mask=p_mask, other=0)
+        kept = valid & (pos < capacity)
+        # Row of the pair in expert-sorted order: the expert's start (kept rows of the experts
+        # before it) plus its slot.
+        start = tl.sum(tl.where(offs_e[None, :] < e[:, None], kept_e[None, :], 0), axis=1)
+        tl.store(row_pair_ptr + start + pos, (tok * K + k).to(tl.int32), mask=kept)
+        tl.store(kept_ptr + tok * K + k, kept.to(tl.int8), mask=p_mask)
+        total += tl.where(kept, tl.load(topp_ptr + tok * K + k, mask=p_mask, other=0.0), 0.0)
+    if RENORM:
+        scale = 1.0 / tl.maximum(total, eps)
+    else:
+        scale = tl.full((BLOCK_T,), 1.0, dtype=tl.float32)
+    for k in tl.static_range(K):
+        kept = tl.load(kept_ptr + tok * K + k, mask=p_mask, other=0) != 0
+        top_p = tl.load(topp_ptr + tok * K + k, mask=p_mask, other=0.0)
+        tl.store(weights_ptr + tok * K + k, tl.where(kept, top_p * scale, 0.0), mask=p_mask)
+
+    if b == 0:
+        e_mask = offs_e < E
+        counts = tl.load(counts_ptr + offs_e, mask=e_mask, other=0.0)
+        psum = tl.load(psum_ptr + offs_e, mask=e_mask, other=0.0)
+        offs_b = tl.arange(0, BLOCK_B)
+        stats_z = tl.load(stats_ptr + offs_b * 2, mask=offs_b < B, other=0.0)
+        stats_ent = tl.load(stats_ptr + offs_b * 2 + 1, mask=offs_b < B, other=0.0)
+        denom = tl.maximum(num_tokens, 1.0)
+        tl.store(losses_ptr, tl.sum(counts * psum, axis=0) * aux_scale)
+        tl.store(losses_ptr + 1, tl.sum(stats_z, axis=0) / denom)
+        tl.store(losses_ptr + 2, tl.sum(stats_ent, axis=0))
+        tl.store(losses_ptr + 3, num_tokens)
+
+
+@triton.jit
+def _router_bwd_kernel(
+    probs_ptr, lse_ptr, idx_ptr, topp_ptr, kept_ptr, weights_ptr, dweights_ptr, dlosses_ptr,
+    counts_ptr, valid_ptr, dlogits_ptr, T, E, aux_scale, z_scale, eps,
+    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_DW: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < T
+    tok = offs_t.to(tl.int64)
+    valid = t_mask
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + tok, mask=t_mask, other=0) != 0)
+    valid_f = valid.to(tl.float32)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    te_mask = t_mask[:, None] & e_mask[None, :]
+    probs = tl.load(probs_ptr + tok[:, None] * E + offs_e[None, :], mask=te_mask, other=0.0)
+    lse = tl.load(lse_ptr + tok, mask=t_mask, other=0.0)
+    d_aux = tl.load(dlosses_ptr)
+    d_z = tl.load(dlosses_ptr + 1)
+    counts = tl.load(counts_ptr + offs_e, mask=e_mask, other=0.0)
+    # aux = aux_scale * sum_e(counts_e * sum_t(valid_t * probs_te)); counts carry no gradient.
+    dprobs = valid_f[:, None] * (d_aux * aux_scale * counts)[None, :]
+    if HAS_DW:
+        # w_k = kept_k p_k / S with S = sum_j kept_j p_j (K > 1), so
+        # dL/dp_k = kept_k (dw_k - sum_j dw_j w_j) / S; for K = 1, w = kept p.
+        dot = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            kept = tl.load(kept_ptr + tok * K + k, mask=t_mask, other=0) != 0
+            dot += tl.load(dweights_ptr + tok * K + k, mask=t_mask, other=0.0) * tl.load(
+                weights_ptr + tok * K + k, mask=t_mask, other=0.0
+            )
+            total += tl.where(kept, tl.load(topp_ptr + tok * K + k, mask=t_mask, other=0.0), 0.0)
+        for k in tl.static_range(K):
+            kept = tl.load(kept_ptr + tok * K + k, mask=t_mask, other=0) != 0
+            dw = tl.load(dweights_ptr + tok * K + k, mask=t_mask, other=0.0)
+            if RENORM:
+                dp = tl.where(total >= eps, (dw - dot) / tl.maximum(total, eps), dw / eps)
+            else:
+                dp = dw
+            dp = tl.where(kept, dp, 0.0)
+            e = tl.load(idx_ptr + tok * K + k, mask=t_mask, other=0).to(tl.int32)
+            dprobs += tl.where(offs_e[None, :] == e[:, None], dp[:, None], 0.0)
+    dlogits = probs * (dprobs - tl.sum(probs * dprobs, axis=1)[:, None])
+    dlogits += (d_z * z_scale * valid_f * lse)[:, None] * probs
+    tl.store(dlogits_ptr + tok[:, None] * E + offs_e[None, :], dlogits, mask=te_mask)
+
+
+@dataclass
+class TritonRoutingResult(RoutingResult):
+    """A :class:`RoutingResult` with the dispatch order the fused kernels consume.
+
+    Attributes:
+        row_pair: ``[T * K]`` int32; entry ``r < N`` is the flat pair ``t * K + k`` of row ``r`` of
+            the expert-sorted order (the rest is unused).
+        kept_per_expert: ``[E]`` int32 kept pairs per expert (rows of each expert, in order).
+    """
+
+    row_pair: Tensor | None = None
+    kept_per_expert: Tensor | None = None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _gate_block(T: int) -> int:
+    """Tokens per gate/assign block: small for parallelism, large enough to bound the scan tile."""
+    block = 32
+    while triton.cdiv(T, block) > 4096:
+        block *= 2
+    return block
+
+
+class _FusedRouter(torch.autograd.Function):
+    """Differentiable outputs: ``weights_TK`` and ``losses_4`` (aux, z, entropy sum, tokens)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, weight_EH, valid_T, perm_T, top_k, capacity, num_tokens):  # type: ignore[override]
+        T, H = x_TH.shape
+        E, K = weight_EH.shape[0], top_k
+        device = x_TH.device
+        interpret = interpreter_enabled()
+        x_TH = x_TH.contiguous()
+        # Logits in float32: split the float32 gate weight into two halves of x's dtype.
+        if x_TH.dtype == torch.float32:
+            w_hi, w_lo, split = weight_EH.float().contiguous(), None, False
+            precision = "ieee" if interpret else "tf32x3"
+        else:
+            w32 = weight_EH.float()
+            w_hi = w32.to(x_TH.dtype)
+            w_lo = (w32 - w_hi.float()).to(x_TH.dtype)
+            split, precision = True, "tf32"
+        logits_TE = torch.empty(T, E, device=device, dtype=torch.float32)
+        block_e = min(128, max(16, _next_pow2(E)))
+        block_t = 16 if interpret else 64
+        block_h = 16 if interpret else 64
+        _logits_kernel[(triton.cdiv(T, block_t), triton.cdiv(E, block_e))](
+            x_TH, w_hi, w_lo if split else w_hi, logits_TE, T, H, E, x_TH.stride(0), w_hi.stride(0),
+            SPLIT=split, PRECISION=precision, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h,
+            num_warps=4, num_stages=3,
+        )  # fmt: skip
+
+        block_t = _gate_block(T)
+        B = triton.cdiv(T, block_t)
+        block_e = max(2, _next_pow2(E))
+        i32 = dict(device=device, dtype=torch.int32)
+        f32 = dict(device=device, dtype=torch.float32)
+        probs_TE = torch.empty(T, E, **f32)
+        lse_T = torch.empty(T, **f32)
+        idx_TK = torch.empty(T, K, device=device, dtype=torch.int64)
+        topp_TK = torch.empty(T, K, **f32)
+        rank_TK = torch.empty(T, K, **i32)
+        hist_BKE = torch.empty(B, K, E, **i32)
+        psum_BE = torch.empty(B, E, **f32)
+        stats_B2 = torch.empty(B, 2, **f32)
+        has_valid, has_perm = valid_T is not None, perm_T is not None
+        valid_arg = valid_T if has_valid else lse_T
+        perm_arg = perm_T if has_perm else lse_T
+        gate_warps = 4 if block_e <= 128 else 8
+        _gate_kernel[(B,)](
+            logits_TE, valid_arg, perm_arg, probs_TE, lse_T, idx_TK, topp_TK, rank_TK,
+            hist_BKE, psum_BE, stats_B2, T, E,
+            K=K, HAS_VALID=has_valid, HAS_PERM=has_perm, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=gate_warps,
+        )  # fmt: skip
+
+        offsets_BKE = torch.empty_like(hist_BKE)
+        counts_E = torch.empty(E, **f32)
+        kept_E = torch.empty(E, **i32)
+        psum_E = torch.empty(E, **f32)
+        block_b = max(2, _next_pow2(B))
+        scan_e = max(1, min(_next_pow2(E), 8192 // block_b))
+        cap = T * K + 1 if capacity is None else capacity
+        _scan_kernel[(triton.cdiv(E, scan_e),)](
+            hist_BKE, offsets_BKE, psum_BE, counts_E, kept_E, psum_E, B, E, cap,
+            K=K, BLOCK_B=block_b, BLOCK_E=scan_e, num_warps=4,
+        )  # fmt: skip
+
+        kept_TK = torch.empty(T, K, device=device, dtype=torch.int8)
+        weights_TK = torch.empty(T, K, **f32)
+        row_pair = torch.empty(T * K, **i32)
+        losses_4 = torch.empty(4, **f32)
+        denom = max(float(num_tokens), 1.0)
+        aux_scale = E / (denom * denom * K)
+        eps = torch.finfo(torch.float32).eps
+        _assign_kernel[(B,)](
+            perm_arg, valid_arg, idx_TK, topp_TK, rank_TK, offsets_BKE, kept_E, counts_E, psum_E,
+            stats_B2, kept_TK, weights_TK, row_pair, losses_4,
+            T, E, B, cap, aux_scale, float(num_tokens), eps,
+            K=K, HAS_VALID=has_valid, HAS_PERM=has_perm, RENORM=K > 1,
+            BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=gate_warps,
+        )  # fmt: skip
+        kept_TK = kept_TK.view(torch.bool)
+        ctx.save_for_backward(x_TH, weight_EH, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E)
+        ctx.consts = (aux_scale, 2.0 / denom, eps, K)
+        ctx.mark_non_differentiable(probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair)
+        return weights_TK, losses_4, probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair
+
+    @staticmethod
+    def backward(ctx, dweights_TK, dlosses_4, *_):  # type: ignore[override]
+        x_TH, weight_EH, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E = ctx.saved_tensors
+        aux_scale, z_scale, eps, K = ctx.consts
+        T, E = probs_TE.shape
+        if dlosses_4 is None:
+            dlosses_4 = torch.zeros(4, device=x_TH.device, dtype=torch.float32)
+        has_dw = dweights_TK is not None
+        dlogits_TE = torch.empty_like(probs_TE)
+        block_t = 16 if interpreter_enabled() else 32
+        block_e = max(2, _next_pow2(E))
+        _router_bwd_kernel[(triton.cdiv(T, block_t),)](
+            probs_TE, lse_T, idx_TK, topp_TK, kept_TK.view(torch.int8), weights_TK,
+            dweights_TK.contiguous() if has_dw else weights_TK, dlosses_4.contiguous(), counts_E,
+            valid_T if valid_T is not None else lse_T, dlogits_TE, T, E, aux_scale, z_scale, eps,
+            K=K, HAS_VALID=valid_T is not None, HAS_DW=has_dw, RENORM=K > 1,
+            BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4 if block_e <= 128 else 8,
+        )  # fmt: skip
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (dlogits_TE @ weight_EH.float()).to(x_TH.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = (dlogits_TE.t() @ x_TH.float()).to(weight_EH.dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def fused_route(
+    x_TH: Tensor,
+    weight_EH: Tensor,
+    top_k: int,
+    capacity_factor: float | None,
+    min_capacity: int = 4,
+    padding_mask_T: Tensor | None = None,
+    random_priority: bool = False,
+    jitter: float = 0.0,
+) -> TritonRoutingResult:
+    """Route a flat batch of tokens with the fused kernels (same semantics as :class:`Router`).
+
+    Args:
+        x_TH: ``[T, H]`` tokens (float32, bfloat16 or float16).
+        weight_EH: ``[E, H]`` gate weight.
+        top_k: K.
+        capacity_factor: slots per expert relative to a balanced load; ``None`` is dropless.
+        min_capacity: lower bound on slots per expert.
+        padding_mask_T: optional ``[T]`` bool, True marks padding tokens.
+        random_priority: Random Token Selection (a random token priority inside each level).
+        jitter: multiplicative input jitter epsilon (0 turns it off).
+
+    Returns:
+        The routing, with the expert-sorted permutation for the fused expert kernels.
+    """
+    T = x_TH.shape[0]
+    E = weight_EH.shape[0]
+    valid_T = None
+    num_tokens = T
+    if padding_mask_T is not None:
+        valid_T = (~padding_mask_T.bool()).contiguous()
+        num_tokens = int(valid_T.sum().item())
+    capacity = None
+    if capacity_factor is not None:
+        capacity = compute_capacity(num_tokens, E, top_k, capacity_factor, min_capacity)
+    perm_T = None
+    if random_priority and capacity is not None:
+        perm_T = torch.randperm(T, device=x_TH.device)
+    if jitter > 0:
+        x_TH = x_TH.float() * torch.empty(x_TH.shape, device=x_TH.device).uniform_(1.0 - jitter, 1.0 + jitter)
+    weights_TK, losses_4, probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair = _FusedRouter.apply(
+        x_TH, weight_EH, valid_T, perm_T, top_k, capacity, num_tokens
+    )
+    return TritonRoutingResult(
+        expert_indices=idx_TK,
+        weights=weights_TK,
+        kept=kept_TK,
+        tokens_per_expert=counts_E,
+        aux_loss=losses_4[0],
+        z_loss=losses_4[1],
+        probs=probs_TE,
+        entropy_sum=losses_4[2].detach(),
+        num_tokens=losses_4[3].detach(),
+        capacity=capacity,
+        row_pair=row_pair,
+        kept_per_expert=kept_E,
+    )
