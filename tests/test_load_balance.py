@@ -263,7 +263,7 @@ def test_collapsed_router_reports_cv_dead_experts_and_warns_once(tmp_path):
     imbalance = [w for w in caught if issubclass(w.category, LoadImbalanceWarning)]
     assert len(imbalance) == 1, [str(w.message) for w in imbalance]
     message = str(imbalance[0].message)
-    assert "'layers.0'" in message and "2 consecutive windows" in message and "(step 4)" in message
+    assert "'layers.0'" in message and "2 consecutive window(s)" in message and "(step 4)" in message
     assert "dead experts 87.5% > warn_dead_fraction=0.5" in message and "cv=2.65 > warn_cv=1.0" in message
 
     stats = monitor.last_statistics["layers.0"]
@@ -299,7 +299,7 @@ def test_state_survives_checkpoint_and_resume(tmp_path):
     assert state["strikes"] == {"layers.0": 1} and state["window"][0].item() == TOKENS  # step 3's batch
 
     second = LoadBalanceMonitor(**kwargs)
-    with pytest.warns(LoadImbalanceWarning, match=r"'layers.0'.*2 consecutive windows.*\(step 4\)"):
+    with pytest.warns(LoadImbalanceWarning, match=r"'layers.0'.*2 consecutive window\(s\).*\(step 4\)"):
         _trainer(tmp_path, 4, [second]).fit(CollapsedModel(), ckpt_path=ckpt)
     # the window of step 4 holds the batch before the checkpoint and the one after it
     assert second.last_tokens_per_expert["layers.0"][0].item() == 2 * TOKENS

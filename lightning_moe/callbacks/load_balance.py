@@ -329,7 +329,7 @@ class LoadBalanceMonitor(Callback):
             if self._strikes[name] >= self.warn_patience and name not in self._warned:
                 self._warned.add(name)
                 rank_zero_warn(
-                    f"MoE layer '{name}' is imbalanced for {self._strikes[name]} consecutive windows of "
+                    f"MoE layer '{name}' is imbalanced for {self._strikes[name]} consecutive window(s) of "
                     f"{self.log_every_n_steps} steps (step {step}): {'; '.join(reasons)} "
                     f"(max_load={stats['max_load']:.3g}, drop_fraction={stats['drop_fraction']:.1%}). "
                     "If its router collapsed, raise aux_loss_weight, add router_jitter or lower the "
