@@ -247,6 +247,25 @@ def test_beam_search_scores_at_least_greedy(trained_model, sources):
             assert _sequence_logprob(trained_model, src, b) >= _sequence_logprob(trained_model, src, g) - 1e-4
 
 
+def test_sync_finished_keeps_decoding_until_all_processes_agree(trained_model, sources):
+    kwargs = {"start_id": BOS, "eos_id": EOS, "pad_id": PAD, "max_length": 12}
+    calls = []
+
+    def never_done(done: bool) -> bool:  # as if another process still had live sentences
+        calls.append(done)
+        return False
+
+    alone = greedy_search(trained_model, sources, **kwargs)
+    synced = greedy_search(trained_model, sources, sync_finished=never_done, **kwargs)
+    assert len(calls) == 12 and synced.shape[1] == 12
+    assert torch.equal(synced[:, : alone.shape[1]], alone)
+    assert bool((synced[:, alone.shape[1] :] == PAD).all())
+    calls.clear()
+    beam = beam_search(trained_model, sources, beam_size=2, **kwargs)
+    assert torch.equal(beam_search(trained_model, sources, beam_size=2, sync_finished=never_done, **kwargs), beam)
+    assert len(calls) == 11  # every step but the last (max_length ends the loop by itself)
+
+
 def test_generation_start_ids_per_row(trained_model, sources):
     kwargs = {"eos_id": EOS, "pad_id": PAD, "max_length": 6}
     per_row = greedy_search(trained_model, sources, start_id=torch.full((sources.shape[0],), BOS), **kwargs)

@@ -11,6 +11,7 @@ inside every checkpoint, so a checkpoint alone can translate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -478,7 +479,7 @@ class MultitaskTranslationModule(LightningModule):
             ids = ids[: ids.index(tok.eos_id)]
         return tok.decode([i for i in ids if i != tok.pad_id])
 
-    def _sync_finished(self) -> Any:
+    def _sync_finished(self) -> Callable[[bool], bool] | None:
         """With several processes, agree on when decoding stops (MoE layers exchange tokens)."""
         if self._trainer is None or self.trainer.world_size <= 1 or not dist.is_initialized():
             return None
