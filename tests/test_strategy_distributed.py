@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,8 +123,8 @@ def run_worker(cfg: dict) -> None:
     devices = cfg["devices"]
     if cfg["ep"] is None:
         strategy = "auto"
-    elif cfg["ep"] == "registry":
-        strategy = "expert_parallel"
+    elif isinstance(cfg["ep"], str):
+        strategy = cfg["ep"]  # a registered name
     else:
         strategy = ExpertParallelStrategy(expert_parallel_size=cfg["ep"])
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpts", save_top_k=-1, every_n_epochs=1)
@@ -149,11 +150,15 @@ def run_worker(cfg: dict) -> None:
 
 
 def launch(cfg: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one training; ``cfg["launcher"] == "torchrun"`` starts it under torchrun, else Lightning launches."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
+    prefix = [sys.executable]
+    if cfg.get("launcher") == "torchrun":
+        prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg['devices']}"]
     return subprocess.run(
-        [sys.executable, os.path.abspath(__file__), json.dumps(cfg)],
+        [*prefix, os.path.abspath(__file__), json.dumps(cfg)],
         env=env,
         capture_output=True,
         text=True,
@@ -187,7 +192,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     cfgs = {
         "ref": {"devices": 1, "ep": None},
         "ep2": {"devices": 2, "ep": 2},
-        "ep1x2": {"devices": 2, "ep": 1},
+        "ep1x2": {"devices": 2, "ep": 1, "launcher": "torchrun"},
     }
     return {name: train({**cfg, "out": str(root / name)}) for name, cfg in cfgs.items()}
 
@@ -254,9 +259,24 @@ def test_resume_reshards_and_continues_the_loss_curve(runs, tmp_path, source, de
 
 
 @pytest.mark.distributed
-def test_registered_name_trains(tmp_path):
-    out = train({"devices": 2, "ep": "registry", "epochs": 1, "out": str(tmp_path)})
+def test_registered_spawn_name_trains_and_returns_the_whole_model(runs, tmp_path):
+    # Default expert_parallel_size: 2 (divides the world size 2 and num_experts 4).
+    out = train({"devices": 2, "ep": "expert_parallel_spawn", "epochs": 1, "out": str(tmp_path)})
     assert (out / "ckpts" / "epoch=0-step=4.ckpt" / "experts-00001-of-00002.pt").exists()
+    torch.testing.assert_close(_load(out, "losses.pt"), _load(runs["ref"], "losses.pt")[:4], rtol=1e-4, atol=1e-5)
+    # The spawn launcher hands rank 0's module back to the parent: teardown gathered every expert.
+    final = _load(out, "final.pt")
+    assert final["moes.0.experts.w1"].shape[0] == 4
+
+
+@pytest.mark.distributed
+def test_checkpoint_with_missing_shard_fails_on_every_rank(runs, tmp_path):
+    ckpt = tmp_path / "broken.ckpt"
+    shutil.copytree(runs["ep2"] / "ckpts" / "epoch=0-step=4.ckpt", ckpt)
+    (ckpt / "experts-00001-of-00002.pt").unlink()
+    proc = launch({"devices": 2, "ep": 2, "resume": str(ckpt), "out": str(tmp_path)}, timeout=120)
+    assert proc.returncode != 0
+    assert "expert shard experts-00001-of-00002.pt listed in" in proc.stderr
 
 
 @pytest.mark.distributed
