@@ -434,3 +434,20 @@ def test_sampler_shards_under_lightning_distributed_wrapper(datamodule: Multilin
     assert sorted(shards[0] + shards[1]) == sorted(loader.sampler)
     example = loader.dataset[shards[1][0]]
     assert example["src"][-1] == datamodule.tokenizer.eos_id
+
+
+def test_length_bucketing_keeps_draws_and_groups_lengths():
+    from lightning_moe.data.sampling import TemperatureSampler
+
+    sizes, weights = [30, 50], [0.4, 0.6]
+    lengths = [(i * 7919) % 40 + 1 for i in range(80)]
+    plain = list(TemperatureSampler(sizes, weights, 400, seed=3))
+    bucketed = list(TemperatureSampler(sizes, weights, 400, seed=3, lengths=lengths, batch_size=8, bucket_batches=10))
+    assert sorted(plain) == sorted(bucketed)  # the same draws (and noise seeds), reordered
+    assert plain != bucketed
+
+    def mean_spread(draws):
+        batches = [draws[i : i + 8] for i in range(0, len(draws), 8)]
+        return sum(max(lengths[f] for f, _ in b) - min(lengths[f] for f, _ in b) for b in batches) / len(batches)
+
+    assert mean_spread(bucketed) < 0.25 * mean_spread(plain)

@@ -177,6 +177,7 @@ class MultilingualDataModule(LightningDataModule):
         samples_per_epoch: int = 10000,
         seed: int = 0,
         tokenizer_path: str | None = None,
+        bucket_batches: int = 50,
     ) -> None:
         """Configure the data; nothing is read until :meth:`prepare_data` / :meth:`setup`.
 
@@ -197,6 +198,9 @@ class MultilingualDataModule(LightningDataModule):
             seed: Seed of the training draws and noise; epoch ``e`` uses ``seed + e``.
             tokenizer_path: JSON file of a saved tokenizer. If it exists it is loaded;
                 otherwise the tokenizer is trained and saved there.
+            bucket_batches: Length bucketing of training batches: each run of
+                ``bucket_batches * batch_size`` draws is sorted by length and cut into batches
+                (whose order is shuffled), which cuts padding several-fold; 0 turns it off.
 
         Raises:
             ValueError: If a numeric argument is out of range or a language code is unknown.
@@ -214,6 +218,8 @@ class MultilingualDataModule(LightningDataModule):
         for name, value in (("batch_size", batch_size), ("samples_per_epoch", samples_per_epoch)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if bucket_batches < 0:
+            raise ValueError(f"bucket_batches={bucket_batches} must be >= 0 (0 turns length bucketing off)")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
         if languages is not None:
@@ -231,6 +237,7 @@ class MultilingualDataModule(LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.tokenizer_path = tokenizer_path
+        self.bucket_batches = bucket_batches
 
         self._tokenizer: Tokenizer | None = None
         self._splits: dict[str, list[ParallelExample]] | None = None
@@ -323,8 +330,15 @@ class MultilingualDataModule(LightningDataModule):
         """Temperature-sampled translation and denoising examples, ``samples_per_epoch`` per epoch."""
         self._require_setup()
         dataset = _TrainDataset(self._groups, self.tokenizer, self.noise_ratio, self.max_length)
+        lengths = [len(src) + len(tgt) for g in self._groups for src, tgt in zip(g.sources, g.targets, strict=True)]
         sampler = TemperatureSampler(
-            [len(g.sources) for g in self._groups], self._group_weights(), self.samples_per_epoch, self.seed
+            [len(g.sources) for g in self._groups],
+            self._group_weights(),
+            self.samples_per_epoch,
+            self.seed,
+            lengths=lengths,
+            batch_size=self.batch_size,
+            bucket_batches=self.bucket_batches,
         )
         return self._loader(dataset, sampler=sampler)
 

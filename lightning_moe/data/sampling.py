@@ -51,7 +51,16 @@ class TemperatureSampler(Sampler[tuple[int, int]]):
     through its distributed sampler wrapper.
     """
 
-    def __init__(self, group_sizes: Sequence[int], weights: Sequence[float], num_samples: int, seed: int = 0) -> None:
+    def __init__(
+        self,
+        group_sizes: Sequence[int],
+        weights: Sequence[float],
+        num_samples: int,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        bucket_batches: int = 0,
+    ) -> None:
         """Create the sampler.
 
         Args:
@@ -59,6 +68,11 @@ class TemperatureSampler(Sampler[tuple[int, int]]):
             weights: Non-negative sampling weight of each group (normalised here).
             num_samples: Draws per epoch.
             seed: Base seed; epoch ``e`` uses ``seed + e``.
+            lengths: Length of every flat example, for length bucketing.
+            batch_size: Examples per batch, for length bucketing.
+            bucket_batches: With ``lengths``, sort each run of ``bucket_batches * batch_size``
+                draws by length, cut it into batches and shuffle the batches, so that a batch
+                holds examples of similar length (less padding). 0 keeps the draw order.
 
         Raises:
             ValueError: On mismatched lengths, a positive weight on an empty group,
@@ -85,6 +99,11 @@ class TemperatureSampler(Sampler[tuple[int, int]]):
             offsets.append(offsets[-1] + size)
         self._offsets = torch.tensor(offsets[:-1], dtype=torch.long)
         self._sizes = torch.tensor(self.group_sizes, dtype=torch.long)
+        if lengths is not None and len(lengths) != offsets[-1]:
+            raise ValueError(f"got {len(lengths)} lengths for {offsets[-1]} examples; pass one per example")
+        self._lengths = None if lengths is None else torch.tensor(list(lengths), dtype=torch.long)
+        self.batch_size = int(batch_size)
+        self.bucket_batches = int(bucket_batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the draws of ``epoch`` on the next iteration."""
@@ -97,7 +116,22 @@ class TemperatureSampler(Sampler[tuple[int, int]]):
         within = (uniform * self._sizes[groups]).long().clamp_max(self._sizes[groups] - 1)
         flat = self._offsets[groups] + within
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        if self._lengths is not None and self.bucket_batches > 0:
+            order = self._bucket_order(self._lengths[flat], generator)
+            flat, seeds = flat[order], seeds[order]
         return iter(zip(flat.tolist(), seeds.tolist(), strict=True))
+
+    def _bucket_order(self, lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A permutation of the draws: sorted by length within pools, whole batches shuffled."""
+        pool = self.bucket_batches * self.batch_size
+        chunks = []
+        for start in range(0, len(lengths), pool):
+            chunk = lengths[start : start + pool]
+            chunks.append(start + torch.argsort(chunk, stable=True))
+        order = torch.cat(chunks)
+        batches = list(order.split(self.batch_size))
+        perm = torch.randperm(len(batches), generator=generator).tolist()
+        return torch.cat([batches[i] for i in perm])
 
     def __len__(self) -> int:
         return self.num_samples
