@@ -262,7 +262,8 @@ def _act_bwd_kernel(
 def _wgrad_kernel(
     a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, scale_ptr, counts_ptr,
     E, M, N, TOP_K, stride_a, stride_b, stride_ce, stride_cm,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, NEED_PAIR: tl.constexpr, DUAL: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -286,7 +287,7 @@ def _wgrad_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + offs_k
         r_mask = rows < row_end
-        if GATHER_A or GATHER_B:
+        if NEED_PAIR:
             pair = tl.load(row_pair_ptr + rows, mask=r_mask, other=0)
         src_a = rows
         if GATHER_A:
@@ -482,7 +483,7 @@ def wgrad(
         a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1,
         row_pair if row_pair is not None else counts_E, scale if scale is not None else c1, counts_E,
         E, M, N, top_k, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, DUAL=b2 is not None, PRECISION=_precision(a.dtype),
+        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None, PRECISION=_precision(a.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

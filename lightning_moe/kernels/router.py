@@ -410,7 +410,7 @@ def fused_route(
     valid_T = None
     num_tokens = T
     if padding_mask_T is not None:
-        valid_T = (~padding_mask_T.bool()).contiguous()
+        valid_T = (~padding_mask_T.bool()).contiguous().view(torch.int8)
         num_tokens = int(valid_T.sum().item())
     capacity = None
     if capacity_factor is not None:
