@@ -1,6 +1,28 @@
 """lightning_moe: Mixture-of-Experts training for PyTorch Lightning."""
 
+from lightning_moe.callbacks import LoadBalanceMonitor
+from lightning_moe.models import (
+    GPT,
+    EncoderDecoderTransformer,
+    GPTConfig,
+    TransformerConfig,
+    beam_search,
+    greedy_search,
+)
+from lightning_moe.modules import LanguageModelModule, MultitaskTranslationModule
 from lightning_moe.moe import MoE, MoEStats
 
-__all__ = ["MoE", "MoEStats"]
+__all__ = [
+    "GPT",
+    "EncoderDecoderTransformer",
+    "GPTConfig",
+    "LanguageModelModule",
+    "LoadBalanceMonitor",
+    "MoE",
+    "MoEStats",
+    "MultitaskTranslationModule",
+    "TransformerConfig",
+    "beam_search",
+    "greedy_search",
+]
 __version__ = "0.1.0.dev0"

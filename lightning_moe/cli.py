@@ -1,12 +1,140 @@
-"""The ``lightning-moe`` command line (LightningCLI ``fit``/``validate``/``test``/``predict`` and ``translate``)."""
+"""The ``lightning-moe`` command line.
+
+``lightning-moe fit|validate|test|predict -c recipes/<recipe>.yaml`` is a LightningCLI whose model
+and data are given by ``class_path`` in the recipe; ``lightning-moe translate --ckpt PATH
+--tgt-lang de [TEXT ...]`` loads a checkpoint (a Lightning checkpoint or a consolidated
+expert-parallel one) and translates. ``python -m lightning_moe`` is the same command.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def main(argv: list[str] | None = None) -> None:
+class MoECLI(LightningCLI):
+    """LightningCLI that tells the user where the checkpoint, metrics and logs of a run went."""
+
+    @override
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = ["", "Run finished."]
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+            lines.append(f"  checkpoint (best): {callback.best_model_path}")
+            if callback.last_model_path:
+                lines.append(f"  checkpoint (last): {callback.last_model_path}")
+        for logger in trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            lines.append(f"  {type(logger).__name__} logs: {log_dir}")
+            metrics = Path(str(log_dir)) / "metrics.csv"
+            if metrics.exists():
+                lines.append(f"  metrics: {metrics}")
+        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        for key in sorted(final):
+            if key in ("val/loss", "val/chrf", "val/bleu", "val/ppl"):
+                lines.append(f"  {key} = {final[key]:.4f}")
+        callback_ckpt = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+        if callback_ckpt and hasattr(self.model, "translate"):
+            lines.append(f'  translate: lightning-moe translate --ckpt {callback_ckpt} --tgt-lang de "Hello"')
+        print("\n".join(lines))
+
+
+def run_cli(args: Sequence[str]) -> MoECLI:
+    """Run one LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""
+    return MoECLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args),
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train and evaluate lightning_moe models from a YAML recipe."},
+    )
+
+
+def _translate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-moe translate",
+        description="Translate text with a trained MultitaskTranslationModule checkpoint.",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint path (.ckpt or a consolidated checkpoint)")
+    parser.add_argument("--tgt-lang", required=True, help="target language code, e.g. de")
+    parser.add_argument("--beam-size", type=int, default=4, help="beam width (1 = greedy); default 4")
+    parser.add_argument("--max-length", type=int, default=None, help="maximum output tokens")
+    parser.add_argument("text", nargs="*", help="sentences to translate; read from stdin (one per line) if none")
+    return parser
+
+
+def translate_main(argv: Sequence[str]) -> int:
+    """``lightning-moe translate``: load a checkpoint and translate sentences.
+
+    Returns:
+        The process exit code.
+    """
+    args = _translate_parser().parse_args(list(argv))
+    ckpt = Path(args.ckpt)
+    if not ckpt.exists():
+        print(
+            f"error: checkpoint {str(ckpt)!r} does not exist; pass --ckpt with the path of a .ckpt file",
+            file=sys.stderr,
+        )
+        return 2
+    from lightning_moe.modules.translation import MultitaskTranslationModule
+
+    module = MultitaskTranslationModule.from_checkpoint(str(ckpt))
+    languages = list(module.tokenizer.languages)
+    if args.tgt_lang not in languages:
+        print(
+            f"error: --tgt-lang {args.tgt_lang!r} is not a language of this model; choose one of {sorted(languages)}",
+            file=sys.stderr,
+        )
+        return 2
+    texts = list(args.text) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    kwargs = {"beam_size": args.beam_size}
+    if args.max_length is not None:
+        kwargs["max_length"] = args.max_length
+    for line in module.translate(texts, args.tgt_lang, **kwargs):
+        print(line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-moe`` console script."""
-    args = sys.argv[1:] if argv is None else argv
-    print("usage: lightning-moe {fit,validate,test,predict,translate} ...", file=sys.stderr)
-    raise SystemExit(0 if args in ([], ["-h"], ["--help"]) else 2)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "translate":
+        raise SystemExit(translate_main(args[1:]))
+    if args and args[0] == "consolidate":
+        raise SystemExit(consolidate_main(args[1:]))
+    run_cli(args)
+
+
+def consolidate_main(argv: Sequence[str]) -> int:
+    """``lightning-moe consolidate SRC DST``: write a single-file checkpoint for inference.
+
+    Returns:
+        The process exit code.
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-moe consolidate",
+        description="Consolidate an expert-parallel checkpoint into one file for inference.",
+    )
+    parser.add_argument("src", help="checkpoint written by ExpertParallelStrategy")
+    parser.add_argument("dst", help="output file")
+    args = parser.parse_args(list(argv))
+    from lightning_moe.strategy.checkpoint import consolidate_checkpoint
+
+    consolidate_checkpoint(args.src, args.dst)
+    print(f"wrote {args.dst}")
+    return 0
