@@ -53,6 +53,24 @@ class StepClock(Callback):
         return (self.end - self.start) / (self.last - self.warmup)
 
 
+class TimedMonitor(LoadBalanceMonitor):
+    """LoadBalanceMonitor that also times its own ``on_train_batch_end`` inside the clock's span."""
+
+    def __init__(self, clock: StepClock, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock = clock
+        self.hot_seconds: list[float] = []  # steps that only accumulate
+        self.log_seconds: list[float] = []  # logging steps (reduce, host copy, statistics, loggers)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        start = time.perf_counter()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        seconds = time.perf_counter() - start
+        step = trainer.global_step
+        if self.clock.warmup < step <= self.clock.last:
+            (self.log_seconds if step % self.log_every_n_steps == 0 else self.hot_seconds).append(seconds)
+
+
 def instantiate(spec: dict | None):
     """``{"class_path": "pkg.Class", "init_args": {...}}`` -> ``pkg.Class(**init_args)`` (None stays None)."""
     if spec is None:
@@ -66,12 +84,11 @@ def build(recipe: dict, seed: int) -> tuple[LightningModule, LightningDataModule
     return instantiate(recipe["model"]), instantiate(recipe.get("data"))
 
 
-def run_once(args, recipe, datamodule, monitor: bool, root: Path) -> float:
+def run_once(args, recipe, datamodule, monitor: bool, root: Path) -> tuple[float, TimedMonitor | None]:
     model, _ = build(recipe, args.seed)
     clock = StepClock(args.warmup, args.warmup + args.steps)
-    callbacks: list[Callback] = [clock]
-    if monitor:
-        callbacks.insert(0, LoadBalanceMonitor(log_every_n_steps=args.log_every, image_every_n_steps=args.image_every))
+    timed = TimedMonitor(clock, log_every_n_steps=args.log_every, image_every_n_steps=args.image_every)
+    callbacks: list[Callback] = [timed, clock] if monitor else [clock]
     trainer_cfg = recipe.get("trainer", {})
     trainer = L.Trainer(
         accelerator=args.accelerator or trainer_cfg.get("accelerator", "auto"),
@@ -90,7 +107,7 @@ def run_once(args, recipe, datamodule, monitor: bool, root: Path) -> float:
         default_root_dir=root,
     )
     trainer.fit(model, datamodule=datamodule)
-    return clock.seconds_per_step()
+    return clock.seconds_per_step(), timed if monitor else None
 
 
 def main() -> None:
@@ -125,26 +142,43 @@ def main() -> None:
         node[leaf] = yaml.safe_load(value)
     _, datamodule = build(recipe, args.seed)  # reused by every run: the tokenizer is trained once
     times: dict[str, list[float]] = {"baseline": [], "monitor": []}
+    hot: list[float] = []
+    logging: list[float] = []
     with tempfile.TemporaryDirectory() as root:
         for repeat in range(args.repeats):
             for monitor in (False, True) if repeat % 2 == 0 else (True, False):
                 arm = "monitor" if monitor else "baseline"
-                seconds = run_once(args, recipe, datamodule, monitor, Path(root))
+                seconds, timed = run_once(args, recipe, datamodule, monitor, Path(root))
                 times[arm].append(seconds)
-                print(f"run {repeat} {arm:8s}: {1e3 * seconds:8.2f} ms/step", flush=True)
+                line = f"run {repeat} {arm:8s}: {1e3 * seconds:8.2f} ms/step"
+                if timed is not None:
+                    hot += timed.hot_seconds
+                    logging += timed.log_seconds
+                    in_hook = (sum(timed.hot_seconds) + sum(timed.log_seconds)) / args.steps
+                    line += f"  (inside the monitor's hook: {1e6 * in_hook:.0f} us/step)"
+                print(line, flush=True)
 
     base, mon = statistics.mean(times["baseline"]), statistics.mean(times["monitor"])
     overhead = mon / base - 1
+    hook_per_step = (sum(hot) + sum(logging)) / (args.steps * args.repeats)
     print(
         f"\n{args.recipe}: {args.steps} steps x {args.repeats} runs per arm, log_every_n_steps={args.log_every}\n"
         f"baseline {1e3 * base:.2f} ms/step (min {1e3 * min(times['baseline']):.2f}), "
         f"monitor {1e3 * mon:.2f} ms/step (min {1e3 * min(times['monitor']):.2f}), "
-        f"overhead {100 * overhead:+.2f}% (mean), {100 * (min(times['monitor']) / min(times['baseline']) - 1):+.2f}% (min)"
+        f"overhead {100 * overhead:+.2f}% (mean), {100 * (min(times['monitor']) / min(times['baseline']) - 1):+.2f}% (min)\n"
+        f"time inside the monitor's hook: {1e6 * statistics.mean(hot):.0f} us on accumulate-only steps, "
+        f"{1e3 * statistics.mean(logging):.2f} ms on logging steps; {1e6 * hook_per_step:.0f} us/step on average "
+        f"= {100 * hook_per_step / base:.2f}% of the baseline step"
     )
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "times": times, "overhead_mean": overhead},
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "times": times,
+                    "hook_seconds_per_step": hook_per_step,
+                    "overhead_mean": overhead,
+                },
                 indent=2,
             )
         )
