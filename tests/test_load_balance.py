@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -210,12 +211,18 @@ def test_wandb_offline_run_gets_scalars_image_and_histogram(tmp_path, monkeypatc
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     images = list((run_dir / "files" / "media" / "images").rglob("*.png"))
     assert len(images) == 2  # heatmaps at steps 2 and 4
-    history = _wandb_history(next(run_dir.glob("*.wandb")))
-    logged = [row for row in history if "moe/layers.0/cv" in row]
+    # wandb-core may still be writing the transaction log after `finish()` returns
+    deadline = time.monotonic() + 30
+    while True:
+        history = _wandb_history(next(run_dir.glob("*.wandb")))
+        logged = [row for row in history if "moe/layers.0/cv" in row]
+        pictures = [row for row in history if "moe/load_heatmap/_type" in row]  # nested keys come flattened
+        if (len(logged) >= 2 and len(pictures) >= 2) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert [row["trainer/global_step"] for row in logged] == [2, 4]
     assert _layer_keys() <= set(logged[-1])
     assert logged[-1]["moe/layers.0/cv"] == pytest.approx(monitor.last_statistics["layers.0"]["cv"])
-    pictures = [row for row in history if "moe/load_heatmap/_type" in row]  # nested keys come flattened
     assert [row["trainer/global_step"] for row in pictures] == [2, 4]
     assert pictures[-1]["moe/load_heatmap/_type"] == "image-file"
     assert (run_dir / "files" / pictures[-1]["moe/load_heatmap/path"]).is_file()
@@ -238,6 +245,8 @@ def _wandb_history(path):
             pos += 32768 - pos % 32768
             continue
         length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         payload += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk of a record
