@@ -107,6 +107,18 @@ class _Recorder(L.Callback):
                 }
         torch.save(rows, self.out / f"restored_rank{trainer.global_rank}.pt")
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # The first update's gradients, after the strategy's reduction: AdamW is blind to a constant
+        # gradient scale, so the gradient rule is checked on the gradients themselves.
+        if trainer.global_step != 0:
+            return
+        offsets = {}
+        for name, layer in moe_layers(pl_module):
+            for w in ("w1", "w2", "w3"):
+                offsets[f"{name}.experts.{w}"] = layer.expert_offset
+        grads = {n: (offsets.get(n, 0), p.grad.detach().clone()) for n, p in pl_module.named_parameters()}
+        torch.save(grads, self.out / f"grads_rank{trainer.global_rank}.pt")
+
     def on_train_end(self, trainer, pl_module):
         losses = torch.stack(pl_module.step_losses) if pl_module.step_losses else torch.zeros(0)
         losses = trainer.strategy.reduce(losses, reduce_op="mean")
@@ -193,6 +205,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "ref": {"devices": 1, "ep": None},
         "ep2": {"devices": 2, "ep": 2},
         "ep1x2": {"devices": 2, "ep": 1, "launcher": "torchrun"},
+        # 4 processes on CPU: EP groups {0,1} {2,3}, EDP groups {0,2} {1,3}: both reductions at once.
+        "ep2x2": {"devices": 4, "ep": 2},
     }
     return {name: train({**cfg, "out": str(root / name)}) for name, cfg in cfgs.items()}
 
@@ -202,12 +216,26 @@ def _load(run: Path, what: str):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["ep2", "ep1x2"])
+@pytest.mark.parametrize("name", ["ep2", "ep1x2", "ep2x2"])
 def test_two_processes_match_one_process(runs, name):
     ref_losses = _load(runs["ref"], "losses.pt")
     assert ref_losses.numel() == 2 * NUM_SEQ // GLOBAL_BATCH
     torch.testing.assert_close(_load(runs[name], "losses.pt"), ref_losses, rtol=1e-4, atol=1e-5)
     assert_same_params(_load(runs[name], "final.pt"), _load(runs["ref"], "final.pt"))
+    assert_same_first_gradients(runs[name], runs["ref"])
+
+
+def assert_same_first_gradients(run: Path, ref: Path) -> None:
+    """Every rank's gradients of the first step (expert shards at their offsets) equal one process's."""
+    ref_grads = _load(ref, "grads_rank0.pt")
+    ranks = sorted(run.glob("grads_rank*.pt"))
+    assert ranks
+    for file in ranks:
+        for key, (offset, grad) in torch.load(file, weights_only=True).items():
+            expected = ref_grads[key][1][offset : offset + grad.shape[0]]
+            torch.testing.assert_close(
+                grad, expected, rtol=1e-5, atol=1e-7, msg=lambda m, k=key, f=file.name: f"{f} {k}: {m}"
+            )
 
 
 @pytest.mark.distributed
@@ -217,6 +245,7 @@ def test_equivalence_with_accumulation_and_clipping(tmp_path):
     ep2 = train({**cfg, "devices": 2, "ep": 2, "out": str(tmp_path / "ep2")})
     torch.testing.assert_close(_load(ep2, "losses.pt"), _load(ref, "losses.pt"), rtol=1e-4, atol=1e-5)
     assert_same_params(_load(ep2, "final.pt"), _load(ref, "final.pt"))
+    assert_same_first_gradients(ep2, ref)
 
 
 def _check_restored(resumed: Path, source_ckpt: Path, world: int, tmp_path: Path) -> None:
