@@ -238,6 +238,41 @@ def _time_router(router, x, route) -> dict:
     return {"fwd_ms": timeit(fwd, 0.3), "fwd_bwd_ms": timeit(fwd_bwd, 0.3)}
 
 
+def profile_router(results):
+    """Where the fused router's time goes: each kernel alone (GPU) and the host time of a call."""
+    from lightning_moe.kernels import router as rk
+
+    T, H, E, k = 16384, 4096, 64, 6
+    torch.manual_seed(0)
+    moe = MoE(H, 64, E, k, capacity_factor=1.25, random_token_selection=True).cuda()
+    router = moe.router.train()
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    row = {"T": T, "H": H, "E": E, "k": k}
+    for name, fn in (("eager", lambda: router(x)), ("triton", lambda: triton_route(router, x))):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        host = (time.perf_counter() - t0) / 50
+        torch.cuda.synchronize()
+        row[f"{name}_host_ms_per_call"] = host * 1e3
+    row["randperm_ms"] = timeit(lambda: torch.randperm(T, device="cuda"), 0.1)
+    w = router.weight
+    w_hi = w.to(torch.bfloat16)
+    w_lo = (w - w_hi.float()).to(torch.bfloat16)
+    logits = torch.empty(T, E, device="cuda")
+    row["logits_kernel_ms"] = timeit(
+        lambda: rk._logits_kernel[(T // 64, 1)](
+            x, w_hi, w_lo, logits, T, H, E, H, H, SPLIT=True, PRECISION="tf32", BLOCK_T=64, BLOCK_E=64, BLOCK_H=64
+        ),
+        0.1,
+    )
+    row["torch_fp32_logits_ms"] = timeit(lambda: x.float() @ w.t(), 0.1)
+    print(f"  router profile {row}", flush=True)
+    results.append(row)
+
+
 def bench_router(results):
     for H in (2048, 4096):
         for E, k in ROUTER_E_K:
@@ -272,7 +307,8 @@ def bench_breakdown(shape, results, sweep=False):
     w3 = torch.randn_like(w1)
     w2 = torch.randn(E, Fd, H, device="cuda", dtype=dt) * Fd**-0.5
     counts, rp, wts = r.kept_per_expert, r.row_pair, r.weights.reshape(-1).contiguous()
-    g, u, h = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu")
+    g, u, h, hs_ = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", scale=wts)
+    w2t, w1t, w3t = (w.transpose(1, 2).contiguous() for w in (w2, w1, w3))
     slots = x.new_empty(P, H)
     dy = torch.randn(T, H, device="cuda", dtype=dt)
     offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -288,27 +324,36 @@ def bench_breakdown(shape, results, sweep=False):
         except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {str(err)[:100]}"}
 
-    rec("ours up (gather, w1+w3, swiglu)", lambda: gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu"), 2 * gemm)
+    rec(
+        "ours up (gather, w1+w3, swiglu, +h*s)", lambda: gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", wts), 2 * gemm
+    )
     rec("torch gather x[tok]", lambda: x[rp.long() // k], 0)
     rec("torch _grouped_mm x@w1 (x2 for up)", lambda: torch._grouped_mm(xs, w1, offs=offs), gemm)
     rec("ours down (scatter)", lambda: gg.grouped_mm(h, w2, counts, slots, row_pair=rp), gemm)
     rec("torch _grouped_mm h@w2", lambda: torch._grouped_mm(hs, w2, offs=offs), gemm)
     rec("ours combine", lambda: combine(slots, r.kept, r.weights, dt), 0)
     rec("ours combine bwd (dweights)", lambda: combine_weights_grad(dy, slots, r.kept), 0)
+    rec("transpose w2 (contiguous w2^T)", lambda: w2.transpose(1, 2).contiguous(), 0)
     rec(
-        "ours act_bwd (gather dy, w2^T, swiglu')",
-        lambda: gg.act_bwd(dy, rp, wts, k, w2, g, u, counts, "swiglu"),
+        "ours act_bwd (gather dy, w2^T contiguous, swiglu')",
+        lambda: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu"),
+        gemm,
+    )
+    rec(
+        "ours act_bwd (w2^T as a K-major view)",
+        lambda: gg.act_bwd(dy, rp, wts, k, w2.transpose(1, 2), g, u, counts, "swiglu"),
         gemm,
     )
     rec("torch _grouped_mm dy@w2^T", lambda: torch._grouped_mm(xs, w2.transpose(1, 2), offs=offs), gemm)
-    rec(
-        "ours wgrad dW2 (h^T @ s*dy[gather])",
-        lambda: gg.wgrad(h, dy, counts, dt, rp, k, gather_b=True, scale=wts),
-        gemm,
-    )
+    rec("ours wgrad dW2 ((s h)^T @ dy[gather])", lambda: gg.wgrad(hs_, dy, counts, dt, rp, k, gather_b=True), gemm)
     rec("torch _grouped_mm dW2 (h^T @ dy)", lambda: torch._grouped_mm(hs.t(), xs, offs=offs), gemm)
     rec(
-        "ours dx (dg@w1^T + du@w3^T, scatter)",
+        "ours dx (dg@w1^T + du@w3^T contiguous, scatter)",
+        lambda: gg.grouped_mm(g, w1t, counts, slots, row_pair=rp, a2=u, b2_ERN=w3t),
+        2 * gemm,
+    )
+    rec(
+        "ours dx (w1^T, w3^T as K-major views)",
         lambda: gg.grouped_mm(g, w1.transpose(1, 2), counts, slots, row_pair=rp, a2=u, b2_ERN=w3.transpose(1, 2)),
         2 * gemm,
     )
@@ -330,8 +375,13 @@ def bench_breakdown(shape, results, sweep=False):
             tag = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
             for name, fn, fl in (
                 ("up", lambda c=c: gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", config=c), 2 * gemm),
+                (
+                    "dx",
+                    lambda c=c: gg.grouped_mm(g, w1t, counts, slots, row_pair=rp, a2=u, b2_ERN=w3t, config=c),
+                    2 * gemm,
+                ),
                 ("down", lambda c=c: gg.grouped_mm(h, w2, counts, slots, row_pair=rp, config=c), gemm),
-                ("act_bwd", lambda c=c: gg.act_bwd(dy, rp, wts, k, w2, g, u, counts, "swiglu", config=c), gemm),
+                ("act_bwd", lambda c=c: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu", config=c), gemm),
                 ("wgrad13", lambda c=c: gg.wgrad(x, g, counts, dt, rp, k, gather_a=True, b2=u, config=c), 2 * gemm),
             ):
                 if name == "up" and c.block_n == 256:
@@ -425,6 +475,10 @@ def main() -> None:
     if not args.no_router:
         bench_router(router_rows)
         save()
+        profile = []
+        profile_router(profile)
+        results["router_profile"] = profile
+        save()
     methods = args.methods.split(",")
     for i in [int(s) for s in args.shapes.split(",") if s]:
         if time.time() - t0 > args.budget_s:
@@ -443,6 +497,8 @@ def main() -> None:
     with open(os.path.join(args.out, "moe_layer_benchmark.md"), "w") as f:
         f.write(text + "\n")
     print(f"dense bf16 GEMM 8192^3: {dense:.0f} TFLOP/s; total {time.time() - t0:.0f}s")
+    for row in results.get("router_profile", []):
+        print(f"router profile: {row}")
     print(text)
 
 

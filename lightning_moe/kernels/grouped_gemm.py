@@ -11,12 +11,13 @@ exit at once, and nothing waits on the host. Four kernels:
 
 - ``_ffn_up_kernel``: ``act(x[gather] @ w1[e]) (* x[gather] @ w3[e])``: the gather of token rows
   is fused into the A load and the activation (SwiGLU: two accumulators) into the epilogue; stores
-  the pre-activations (for backward) and the activation.
+  the pre-activations (for backward), the activation, and the activation scaled by the row's
+  combine weight (the A operand of ``dW2``).
 - ``_grouped_mm_kernel``: ``C[scatter] = A1 @ B1[e] (+ A2 @ B2[e])``: the down projection (scatter
   of each row to its (token, choice) slot fused into the store) and dX of the up projection.
 - ``_act_bwd_kernel``: ``dh = s * dy[gather] @ w2[e]^T`` with the activation's backward in the
   epilogue (the same kernel shape as the forward).
-- ``_wgrad_kernel``: ``dW[e] = A[gather]^T @ (s * B[gather])`` over the rows of expert ``e``:
+- ``_wgrad_kernel``: ``dW[e] = A[gather]^T @ B[gather]`` over the rows of expert ``e``:
   fp32 accumulation, one store per tile, no atomics (bitwise deterministic).
 
 All row and expert offsets are int64 before they meet a stride.
@@ -66,10 +67,12 @@ def pick_config(kind: str, n_cols: int, reduce_dim: int, rows_per_expert: float)
     if interpreter_enabled():
         return INTERPRET_CONFIG
     block_m = 64 if rows_per_expert < 256 else 128
-    if kind == "up":
-        return GemmConfig(block_m, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=3)
+    if kind == "up":  # two accumulators (SwiGLU): 3 operand tiles per stage
+        return GemmConfig(block_m, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=4)
     if kind == "wgrad":
-        return GemmConfig(128, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=3)
+        return GemmConfig(128, 64, 64, num_warps=4, num_stages=4)
+    if kind == "mm" and n_cols >= 256:
+        return GemmConfig(block_m, 256, 64, num_warps=8, num_stages=3)
     return GemmConfig(block_m, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=4)
 
 
@@ -100,10 +103,28 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _mm_loop(a_ptr, b_ptr, a_offs, b_offs, acc, R, row_mask, n_mask, offs_k, stride_bk,
+             EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``acc += A[rows, :R] @ B[:R, cols]`` in BLOCK_K steps."""
+    for k0 in range(0, R, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptr + a_offs, mask=row_mask[:, None], other=0.0)
+            b = tl.load(b_ptr + b_offs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k + k0 < R
+            a = tl.load(a_ptr + a_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptr + b_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_offs += BLOCK_K
+        b_offs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _ffn_up_kernel(
-    x_ptr, row_pair_ptr, w1_ptr, w3_ptr, g_ptr, u_ptr, h_ptr, counts_ptr,
+    x_ptr, row_pair_ptr, scale_ptr, w1_ptr, w3_ptr, g_ptr, u_ptr, h_ptr, hs_ptr, counts_ptr,
     E, R, N, TOP_K, num_pid_m, stride_x, stride_we, stride_wk, stride_out,
-    GATHER: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, SCALED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -114,7 +135,8 @@ def _ffn_up_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     if GATHER:
-        src = tl.load(row_pair_ptr + rows, mask=row_mask, other=0) // TOP_K
+        pair = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
+        src = pair // TOP_K
     else:
         src = rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,6 +177,11 @@ def _ffn_up_kernel(
     if ACT == 0:
         tl.store(u_ptr + out_offs, acc3.to(dtype), mask=out_mask)
     tl.store(h_ptr + out_offs, h.to(dtype), mask=out_mask)
+    if SCALED:
+        # h times the row's combine weight: the A operand of dW2 = (s h)^T @ dy, so the weight
+        # gradient's main loop streams both operands straight from memory.
+        s = tl.load(scale_ptr + pair, mask=row_mask, other=0.0)
+        tl.store(hs_ptr + out_offs, (h * s[:, None]).to(dtype), mask=out_mask)
 
 
 @triton.jit
@@ -177,23 +204,13 @@ def _grouped_mm_kernel(
     a_offs = rows.to(tl.int64)[:, None] * stride_a + offs_k[None, :]
     b_offs = e.to(tl.int64) * stride_be + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_K):
-        if EVEN_K:
-            a_mask = row_mask[:, None]
-            b_mask = n_mask[None, :]
-        else:
-            k_mask = offs_k + k0 < R
-            a_mask = row_mask[:, None] & k_mask[None, :]
-            b_mask = k_mask[:, None] & n_mask[None, :]
-        a = tl.load(a1_ptr + a_offs, mask=a_mask, other=0.0)
-        b = tl.load(b1_ptr + b_offs, mask=b_mask, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if DUAL:
-            a = tl.load(a2_ptr + a_offs, mask=a_mask, other=0.0)
-            b = tl.load(b2_ptr + b_offs, mask=b_mask, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_offs += BLOCK_K
-        b_offs += BLOCK_K * stride_bk
+    acc = _mm_loop(a1_ptr, b1_ptr, a_offs, b_offs, acc, R, row_mask, n_mask, offs_k, stride_bk,
+                   EVEN_K, PRECISION, BLOCK_K)  # fmt: skip
+    if DUAL:
+        # A second product into the same accumulator, after the first (one operand pair in shared
+        # memory at a time, so the pipeline keeps its depth).
+        acc = _mm_loop(a2_ptr, b2_ptr, a_offs, b_offs, acc, R, row_mask, n_mask, offs_k, stride_bk,
+                       EVEN_K, PRECISION, BLOCK_K)  # fmt: skip
     if SCATTER:
         dst = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
     else:
@@ -260,7 +277,7 @@ def _act_bwd_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, scale_ptr, counts_ptr,
+    a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, counts_ptr,
     E, M, N, TOP_K, stride_a, stride_b, stride_ce, stride_cm,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, NEED_PAIR: tl.constexpr, DUAL: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -302,9 +319,6 @@ def _wgrad_kernel(
         )
         b_offs = src_b.to(tl.int64)[:, None] * stride_b + offs_n[None, :]
         b = tl.load(b1_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if GATHER_B:
-            s = tl.load(scale_ptr + pair, mask=r_mask, other=0.0)
-            b = (b.to(tl.float32) * s[:, None]).to(b1_ptr.dtype.element_ty)
         acc1 = tl.dot(tl.trans(a), b, acc1, input_precision=PRECISION)
         if DUAL:
             b = tl.load(b2_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -331,9 +345,10 @@ def _row_tiles(max_rows: int, E: int, block_m: int) -> int:
 
 def ffn_up(
     x: Tensor, row_pair: Tensor | None, top_k: int, w1_EHF: Tensor, w3_EHF: Tensor | None,
-    counts_E: Tensor, max_rows: int, activation: str, config: GemmConfig | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
-    """Up projection with the activation fused: ``(g, u, h)`` rows in expert-sorted order.
+    counts_E: Tensor, max_rows: int, activation: str, scale: Tensor | None = None,
+    config: GemmConfig | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:  # fmt: skip
+    """Up projection with the activation fused: ``(g, u, h, hs)`` rows in expert-sorted order.
 
     Args:
         x: ``[T, H]`` tokens (``row_pair`` given: row ``r`` reads token ``row_pair[r] // top_k``) or
@@ -345,29 +360,35 @@ def ffn_up(
         counts_E: ``[E]`` int32 rows per expert.
         max_rows: an upper bound on ``N`` (the allocation; only the first ``N`` rows are written).
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
+        scale: optional ``[T * K]`` float32 combine weight of each pair (with ``row_pair``): also
+            store ``hs = h * scale[pair]``.
         config: tile configuration (default: :func:`pick_config`).
 
     Returns:
-        ``g_NF`` (``x @ w1``), ``u_NF`` (``x @ w3``, SwiGLU only) and ``h_NF`` (the activation).
+        ``g_NF`` (``x @ w1``), ``u_NF`` (``x @ w3``, SwiGLU only), ``h_NF`` (the activation) and
+        ``hs_NF`` (``h`` scaled by the combine weight, if ``scale`` is given).
     """
     E, H, F = w1_EHF.shape
     cfg = config or pick_config("up", F, H, max_rows / max(E, 1))
     g = x.new_empty(max_rows, F)
     h = torch.empty_like(g)
     u = torch.empty_like(g) if w3_EHF is not None else None
+    scaled = scale is not None and row_pair is not None
+    hs = torch.empty_like(g) if scaled else None
     num_pid_m = _row_tiles(max_rows, E, cfg.block_m)
     grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
     if grid[0] == 0:
-        return g, u, h
+        return g, u, h, hs
     _ffn_up_kernel[grid](
-        x, row_pair if row_pair is not None else counts_E, w1_EHF, w3_EHF if w3_EHF is not None else w1_EHF,
-        g, u if u is not None else g, h, counts_E,
+        x, row_pair if row_pair is not None else counts_E, scale if scaled else g,
+        w1_EHF, w3_EHF if w3_EHF is not None else w1_EHF,
+        g, u if u is not None else g, h, hs if scaled else h, counts_E,
         E, H, F, top_k, num_pid_m, x.stride(0), w1_EHF.stride(0), w1_EHF.stride(1), g.stride(0),
-        GATHER=row_pair is not None, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
+        GATHER=row_pair is not None, SCALED=scaled, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
         PRECISION=_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return g, u, h
+    return g, u, h, hs
 
 
 def grouped_mm(
@@ -410,7 +431,7 @@ def grouped_mm(
 
 
 def act_bwd(
-    dy: Tensor, row_pair: Tensor | None, scale: Tensor | None, top_k: int, w2_EFH: Tensor,
+    dy: Tensor, row_pair: Tensor | None, scale: Tensor | None, top_k: int, w2t_EHF: Tensor,
     g: Tensor, u: Tensor | None, counts_E: Tensor, activation: str, config: GemmConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gradients of the up projection's outputs: ``dh = s * dy[gather] @ w2[e]^T`` through the activation.
@@ -420,7 +441,8 @@ def act_bwd(
         row_pair: ``[>= N]`` int32 pair of each row, or None.
         scale: ``[T * K]`` float32 combine weight of each pair (with ``row_pair``).
         top_k: K.
-        w2_EFH: ``[E, F, H]``.
+        w2t_EHF: ``[E, H, F]``, the down-projection weight transposed per expert (any strides;
+            contiguous reads fastest).
         g: ``[>= N, F]`` saved ``x @ w1``.
         u: ``[>= N, F]`` saved ``x @ w3`` (SwiGLU) or None.
         counts_E: ``[E]`` int32 rows per expert.
@@ -430,7 +452,7 @@ def act_bwd(
     Returns:
         ``dg`` and ``du`` (None unless SwiGLU), shaped like ``g``.
     """
-    E, F, H = w2_EFH.shape
+    E, H, F = w2t_EHF.shape
     max_rows = g.shape[0]
     cfg = config or pick_config("act_bwd", F, H, max_rows / max(E, 1))
     dg = torch.empty_like(g)
@@ -441,8 +463,8 @@ def act_bwd(
         return dg, du
     _act_bwd_kernel[grid](
         dy, row_pair if row_pair is not None else counts_E, scale if scale is not None else g,
-        w2_EFH, g, u if u is not None else g, dg, du if du is not None else dg, counts_E,
-        E, H, F, top_k, num_pid_m, dy.stride(0), w2_EFH.stride(0), w2_EFH.stride(2), w2_EFH.stride(1), g.stride(0),
+        w2t_EHF, g, u if u is not None else g, dg, du if du is not None else dg, counts_E,
+        E, H, F, top_k, num_pid_m, dy.stride(0), w2t_EHF.stride(0), w2t_EHF.stride(1), w2t_EHF.stride(2), g.stride(0),
         GATHER=row_pair is not None, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
         PRECISION=_precision(dy.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -452,21 +474,20 @@ def act_bwd(
 
 def wgrad(
     a: Tensor, b1: Tensor, counts_E: Tensor, out_dtype: torch.dtype, row_pair: Tensor | None = None,
-    top_k: int = 1, gather_a: bool = False, gather_b: bool = False, scale: Tensor | None = None,
-    b2: Tensor | None = None, config: GemmConfig | None = None,
+    top_k: int = 1, gather_a: bool = False, gather_b: bool = False, b2: Tensor | None = None,
+    config: GemmConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Per-expert weight gradient ``dW[e] = A_e^T @ B_e`` over the rows of expert ``e``.
 
     Args:
         a: ``[*, M]`` A rows (token rows if ``gather_a``, else expert-sorted rows).
-        b1: ``[*, N]`` B rows (token rows if ``gather_b``, scaled by ``scale[pair]``, else sorted rows).
+        b1: ``[*, N]`` B rows (token rows if ``gather_b``, else expert-sorted rows).
         counts_E: ``[E]`` int32 rows per expert.
         out_dtype: dtype of the result (the parameter's dtype; accumulation is float32).
         row_pair: ``[>= N]`` int32 pair of each row (needed by a gather).
         top_k: K.
         gather_a: read A through ``row_pair // top_k``.
-        gather_b: read B through ``row_pair // top_k`` and scale row ``r`` by ``scale[row_pair[r]]``.
-        scale: ``[T * K]`` float32 combine weights.
+        gather_b: read B through ``row_pair // top_k``.
         b2: optional second B sharing A (``dW1`` and ``dW3`` in one pass over ``x``).
         config: tile configuration.
 
@@ -481,10 +502,10 @@ def wgrad(
     grid = (E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _wgrad_kernel[grid](
         a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1,
-        row_pair if row_pair is not None else counts_E, scale if scale is not None else c1, counts_E,
+        row_pair if row_pair is not None else counts_E, counts_E,
         E, M, N, top_k, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None, PRECISION=_precision(a.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None,
+        PRECISION=_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return c1, c2

@@ -26,6 +26,15 @@ def _cast(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if w is None else w.to(dtype).contiguous()
 
 
+def _n_major_t(w: Tensor | None) -> Tensor | None:
+    """``w[e]^T`` for every expert, as a contiguous copy.
+
+    The backward GEMMs then read their B operand along its output columns, as the forward ones
+    do, rather than through a transposed view.
+    """
+    return None if w is None else w.transpose(1, 2).contiguous()
+
+
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, weights_TK, w1_EHF, w3_EHF, w2_EFH, kept_TK, row_pair_P, counts_E, activation):  # type: ignore[override]
@@ -34,29 +43,28 @@ class _MoEExperts(torch.autograd.Function):
         x_TH = x_TH.contiguous()
         weights_P = weights_TK.float().contiguous().view(-1)
         w1, w3, w2 = (_cast(w, x_TH.dtype) for w in (w1_EHF, w3_EHF, w2_EFH))
-        g_NF, u_NF, h_NF = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation)
+        g_NF, u_NF, h_NF, hs_NF = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation, scale=weights_P)
         slots_PH = x_TH.new_empty(P, H)
         if P > 0:
             grouped_mm(h_NF, w2, counts_E, slots_PH, row_pair=row_pair_P)
         y_TH = combine(slots_PH, kept_TK, weights_P.view(T, K), x_TH.dtype)
-        ctx.save_for_backward(x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, h_NF, slots_PH)
+        ctx.save_for_backward(x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, hs_NF, slots_PH)
         ctx.activation = activation
         ctx.param_dtypes = (w1_EHF.dtype, None if w3_EHF is None else w3_EHF.dtype, w2_EFH.dtype)
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):  # type: ignore[override]
-        x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, h_NF, slots_PH = ctx.saved_tensors
+        x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, hs_NF, slots_PH = ctx.saved_tensors
         T, K = kept_TK.shape
         P, H = T * K, x_TH.shape[1]
         dy_TH = dy_TH.to(x_TH.dtype).contiguous()
         dtype1, dtype3, dtype2 = ctx.param_dtypes
         dweights = combine_weights_grad(dy_TH, slots_PH, kept_TK) if ctx.needs_input_grad[1] else None
-        dg_NF, du_NF = act_bwd(dy_TH, row_pair_P, weights_P, K, w2, g_NF, u_NF, counts_E, ctx.activation)
-        dw2, _ = wgrad(h_NF, dy_TH, counts_E, dtype2, row_pair_P, K, gather_b=True, scale=weights_P)
+        dg_NF, du_NF = act_bwd(dy_TH, row_pair_P, weights_P, K, _n_major_t(w2), g_NF, u_NF, counts_E, ctx.activation)
+        dw2, _ = wgrad(hs_NF, dy_TH, counts_E, dtype2, row_pair_P, K, gather_b=True)
         dx_slots_PH = x_TH.new_empty(P, H)
-        w1_t = w1.transpose(1, 2)
-        w3_t = w3.transpose(1, 2) if w3 is not None else None
+        w1_t, w3_t = _n_major_t(w1), _n_major_t(w3)
         if P > 0:
             grouped_mm(dg_NF, w1_t, counts_E, dx_slots_PH, row_pair=row_pair_P, a2=du_NF, b2_ERN=w3_t)
         dx_TH = combine(dx_slots_PH, kept_TK, None, x_TH.dtype)
@@ -72,7 +80,7 @@ class _GroupedFFN(torch.autograd.Function):
         R, H = rows_RH.shape
         rows_RH = rows_RH.contiguous()
         w1, w3, w2 = (_cast(w, rows_RH.dtype) for w in (w1_EHF, w3_EHF, w2_EFH))
-        g_RF, u_RF, h_RF = ffn_up(rows_RH, None, 1, w1, w3, counts_E, R, activation)
+        g_RF, u_RF, h_RF, _ = ffn_up(rows_RH, None, 1, w1, w3, counts_E, R, activation)
         out_RH = rows_RH.new_empty(R, H)
         if R > 0:
             grouped_mm(h_RF, w2, counts_E, out_RH)
@@ -87,12 +95,11 @@ class _GroupedFFN(torch.autograd.Function):
         R, H = rows_RH.shape
         dout_RH = dout_RH.to(rows_RH.dtype).contiguous()
         dtype1, dtype3, dtype2 = ctx.param_dtypes
-        dg_RF, du_RF = act_bwd(dout_RH, None, None, 1, w2, g_RF, u_RF, counts_E, ctx.activation)
+        dg_RF, du_RF = act_bwd(dout_RH, None, None, 1, _n_major_t(w2), g_RF, u_RF, counts_E, ctx.activation)
         dw2, _ = wgrad(h_RF, dout_RH, counts_E, dtype2)
         dx_RH = rows_RH.new_empty(R, H)
-        w3_t = w3.transpose(1, 2) if w3 is not None else None
         if R > 0:
-            grouped_mm(dg_RF, w1.transpose(1, 2), counts_E, dx_RH, a2=du_RF, b2_ERN=w3_t)
+            grouped_mm(dg_RF, _n_major_t(w1), counts_E, dx_RH, a2=du_RF, b2_ERN=_n_major_t(w3))
         dw1, dw3 = wgrad(rows_RH, dg_RF, counts_E, dtype1, b2=du_RF)
         if dw3 is not None and dtype3 != dtype1:
             dw3 = dw3.to(dtype3)

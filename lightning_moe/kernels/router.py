@@ -23,7 +23,10 @@ capacity formula needs on the host, as in the reference):
    the aux loss, z-loss, entropy sum and token count.
 
 The backward (``_router_bwd_kernel``) forms ``dlogits_TE`` from the gradients of the combine
-weights, the aux loss and the z-loss in one pass; ``dx`` and ``dW`` are two float32 matmuls.
+weights, the aux loss and the z-loss in one pass; ``dx = dlogits @ W`` and ``dW = dlogits^T @ x``
+(``_router_dx_kernel``, ``_router_dw_kernel``) again split the float32 operands into 16-bit
+halves (about 2^-16 relative, float32 accumulation; ``dW`` reduces over all tokens in one program
+per tile, so it is deterministic).
 """
 
 from __future__ import annotations
@@ -244,6 +247,73 @@ def _router_bwd_kernel(
     tl.store(dlogits_ptr + tok[:, None] * E + offs_e[None, :], dlogits, mask=te_mask)
 
 
+@triton.jit
+def _router_dx_kernel(
+    dl_ptr, w_hi_ptr, w_lo_ptr, dx_ptr, T, H, E, stride_dx,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """``dx = dlogits @ W``: with SPLIT, three products of 16-bit halves (hi*hi + hi*lo + lo*hi)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_mask = offs_t < T
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        e_mask = offs_e + e0 < E
+        a = tl.load(
+            dl_ptr + offs_t.to(tl.int64)[:, None] * E + (offs_e + e0)[None, :],
+            mask=t_mask[:, None] & e_mask[None, :],
+            other=0.0,
+        )
+        w_offs = (offs_e + e0).to(tl.int64)[:, None] * H + offs_h[None, :]
+        w_mask = e_mask[:, None] & h_mask[None, :]
+        b_hi = tl.load(w_hi_ptr + w_offs, mask=w_mask, other=0.0)
+        if SPLIT:
+            a_hi = a.to(b_hi.dtype)
+            a_lo = (a - a_hi.to(tl.float32)).to(b_hi.dtype)
+            acc = tl.dot(a_hi, b_hi, acc)
+            acc = tl.dot(a_lo, b_hi, acc)
+            acc = tl.dot(a_hi, tl.load(w_lo_ptr + w_offs, mask=w_mask, other=0.0), acc)
+        else:
+            acc = tl.dot(a, b_hi, acc, input_precision=PRECISION)
+    dx_ptrs = dx_ptr + offs_t.to(tl.int64)[:, None] * stride_dx + offs_h[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
+
+
+@triton.jit
+def _router_dw_kernel(
+    dl_ptr, x_ptr, dw_ptr, T, H, E, stride_x,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """``dW = dlogits^T @ x`` over all tokens in one program per tile (fp32 accumulation, no atomics)."""
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_t = tl.arange(0, BLOCK_T)
+    e_mask = offs_e < E
+    h_mask = offs_h < H
+    acc = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t_mask = offs_t + t0 < T
+        rows = (offs_t + t0).to(tl.int64)
+        a = tl.load(dl_ptr + rows[:, None] * E + offs_e[None, :], mask=t_mask[:, None] & e_mask[None, :], other=0.0)
+        b = tl.load(
+            x_ptr + rows[:, None] * stride_x + offs_h[None, :], mask=t_mask[:, None] & h_mask[None, :], other=0.0
+        )
+        if SPLIT:
+            # x is exact in its 16-bit dtype; dlogits = hi + lo in that dtype.
+            a_hi = a.to(b.dtype)
+            a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+            acc = tl.dot(tl.trans(a_hi), b, acc)
+            acc = tl.dot(tl.trans(a_lo), b, acc)
+        else:
+            acc = tl.dot(tl.trans(a), b.to(tl.float32), acc, input_precision=PRECISION)
+    dw_ptrs = dw_ptr + offs_e.to(tl.int64)[:, None] * H + offs_h[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=e_mask[:, None] & h_mask[None, :])
+
+
 @dataclass
 class TritonRoutingResult(RoutingResult):
     """A :class:`RoutingResult` with the dispatch order the fused kernels consume.
@@ -349,15 +419,18 @@ class _FusedRouter(torch.autograd.Function):
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=gate_warps,
         )  # fmt: skip
         kept_TK = kept_TK.view(torch.bool)
-        ctx.save_for_backward(x_TH, weight_EH, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E)
-        ctx.consts = (aux_scale, 2.0 / denom, eps, K)
+        ctx.save_for_backward(
+            x_TH, weight_EH, w_hi, w_lo, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E
+        )
+        ctx.consts = (aux_scale, 2.0 / denom, eps, K, split, precision)
         ctx.mark_non_differentiable(probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair)
         return weights_TK, losses_4, probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair
 
     @staticmethod
     def backward(ctx, dweights_TK, dlosses_4, *_):  # type: ignore[override]
-        x_TH, weight_EH, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E = ctx.saved_tensors
-        aux_scale, z_scale, eps, K = ctx.consts
+        saved = ctx.saved_tensors
+        x_TH, weight_EH, w_hi, w_lo, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E = saved
+        aux_scale, z_scale, eps, K, split, precision = ctx.consts
         T, E = probs_TE.shape
         if dlosses_4 is None:
             dlosses_4 = torch.zeros(4, device=x_TH.device, dtype=torch.float32)
@@ -373,10 +446,25 @@ class _FusedRouter(torch.autograd.Function):
             BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4 if block_e <= 128 else 8,
         )  # fmt: skip
         dx = dw = None
+        H = x_TH.shape[1]
+        interpret = interpreter_enabled()
+        block_e = min(64, max(16, _next_pow2(E)))
         if ctx.needs_input_grad[0]:
-            dx = (dlogits_TE @ weight_EH.float()).to(x_TH.dtype)
+            dx = torch.empty_like(x_TH)
+            block_t, block_h = (16, 16) if interpret else (64, 128)
+            _router_dx_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+                dlogits_TE, w_hi, w_lo if split else w_hi, dx, T, H, E, dx.stride(0),
+                SPLIT=split, PRECISION=precision, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e,
+                num_warps=4, num_stages=3,
+            )  # fmt: skip
         if ctx.needs_input_grad[1]:
-            dw = (dlogits_TE.t() @ x_TH.float()).to(weight_EH.dtype)
+            dw = torch.empty(E, H, device=x_TH.device, dtype=weight_EH.dtype)
+            block_h, block_t = (16, 16) if interpret else (64, 64)
+            _router_dw_kernel[(triton.cdiv(E, block_e), triton.cdiv(H, block_h))](
+                dlogits_TE, x_TH, dw, T, H, E, x_TH.stride(0),
+                SPLIT=split, PRECISION=precision, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_T=block_t,
+                num_warps=4, num_stages=3,
+            )  # fmt: skip
         return dx, dw, None, None, None, None, None
 
 
