@@ -278,3 +278,18 @@ def test_expert_count_mismatch_is_named(tmp_path):
     torch.save({"state_dict": full.state_dict()}, tmp_path / "plain.ckpt")
     with pytest.raises(CheckpointError, match=r"MoE layer 'enc' has num_experts=8 .* holds 4 experts for it \(enc"):
         load_checkpoint(tmp_path / "plain.ckpt", expert_layer_specs(_model(num_experts=8)))
+
+
+def test_consolidate_command_keeps_module_state_and_drops_training_state(tmp_path, capsys):
+    from lightning_moe.strategy.consolidate import main
+
+    path = tmp_path / "ckpt"
+    full, _ = _write_sharded(path)
+    main([str(path), str(tmp_path / "model.ckpt"), "--weights-only"])
+    assert "2 MoE layers, experts [4, 4]" in capsys.readouterr().out
+    plain = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert "optimizer_states" not in plain
+    assert plain["epoch"] == 3  # anything the module or Lightning put there besides training state stays
+    fresh = _model()
+    fresh.load_state_dict(plain["state_dict"])
+    torch.testing.assert_close(fresh["enc"].experts.w3, full["enc"].experts.w3)

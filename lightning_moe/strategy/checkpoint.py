@@ -30,14 +30,14 @@ the rest (``step``) is the same on every rank and stays in ``common.pt``.
 Every expert is stored exactly once. Loading checks that every expert of every layer is present in
 exactly one shard and that the expert counts match the model, and re-slices the rows for the
 loading rank, so a checkpoint written at one P loads at any other. :func:`consolidate_checkpoint`
-turns the directory into one ordinary Lightning checkpoint file (full ``[E, ...]`` expert tensors),
+(``python -m lightning_moe.strategy.consolidate SRC DST``) turns the directory into one ordinary
+Lightning checkpoint file (full ``[E, ...]`` expert tensors),
 which ``LightningModule.load_from_checkpoint`` and ``lightning-moe translate`` read, and which
 the strategy also resumes from at any P.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ from lightning_moe.strategy.grads import EXPERT_WEIGHT_NAMES
 FORMAT_VERSION = 1
 COMMON_FILE = "common.pt"
 METADATA_KEY = "expert_parallel"
+TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
 
 
 class CheckpointError(ValueError):
@@ -470,8 +471,9 @@ def consolidate_checkpoint(
     Args:
         src: a checkpoint directory written by the strategy (a single file is copied as is).
         dst: the file to write.
-        weights_only_model: drop optimizer and loop state, keeping weights and hyper-parameters
-            (a smaller file for inference).
+        weights_only_model: drop the training state (:data:`TRAINING_STATE_KEYS`: optimizer,
+            schedulers, loops, callbacks), keeping weights, hyper-parameters and whatever the
+            module's ``on_save_checkpoint`` added (a smaller file for inference).
 
     Returns:
         The consolidated checkpoint dict that was written.
@@ -481,41 +483,20 @@ def consolidate_checkpoint(
 
     Example::
 
-        python -m lightning_moe.strategy.checkpoint runs/last.ckpt model.ckpt
+        python -m lightning_moe.strategy.consolidate runs/last.ckpt model.ckpt
     """
     checkpoint = load_checkpoint(src, weights_only=False)
     if weights_only_model:
-        keep = (
-            "state_dict",
-            "hyper_parameters",
-            "hparams_name",
-            "datamodule_hyper_parameters",
-            "pytorch-lightning_version",
-        )
-        checkpoint = {k: v for k, v in checkpoint.items() if k in keep or k == METADATA_KEY}
+        checkpoint = {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE_KEYS}
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     TorchCheckpointIO().save_checkpoint(checkpoint, dst)
     return checkpoint
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m lightning_moe.strategy.checkpoint SRC DST``: consolidate a sharded checkpoint."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_moe.strategy.checkpoint",
-        description="Consolidate an expert-sharded checkpoint directory into one file for inference.",
-    )
-    parser.add_argument("src", help="checkpoint directory written by ExpertParallelStrategy")
-    parser.add_argument("dst", help="output file")
-    parser.add_argument("--weights-only", action="store_true", help="keep only weights and hyper-parameters")
-    args = parser.parse_args(argv)
-    checkpoint = consolidate_checkpoint(args.src, args.dst, weights_only_model=args.weights_only)
-    layers = checkpoint.get(METADATA_KEY, {}).get("layers", {})
-    print(f"wrote {args.dst}: {len(layers)} MoE layers, experts {[v['num_experts'] for v in layers.values()]}")
-
-
 __all__ = [
     "COMMON_FILE",
     "FORMAT_VERSION",
+    "TRAINING_STATE_KEYS",
     "CheckpointError",
     "ExpertLayerSpec",
     "consolidate_checkpoint",
@@ -527,6 +508,3 @@ __all__ = [
     "split_checkpoint",
     "write_sharded_checkpoint",
 ]
-
-if __name__ == "__main__":
-    main()
