@@ -219,9 +219,12 @@ def check_experts(rep: Report) -> None:
         rep.check(f"{tag}: y rel err", rel(outs[0], y_ref), 1e-2)
         names = ["dx", "dweights", "dw1", "dw3", "dw2"]
         ref_grads = [x_ref.grad, w_ref.grad] + [p.grad if p is not None else None for p in params]
+        # ReLU's derivative is a step: rounding the weights to bf16 alone (float32 everywhere else)
+        # moves dx and dW1 by 3.1e-2 at these sizes (checked on CPU), so its bound is wider.
+        bound = 5e-2 if act == "relu" else 2e-2
         for name, g, gr in zip(names, grads[0], ref_grads, strict=True):
             if gr is not None:
-                rep.check(f"{tag}: {name} rel err", rel(g, gr), 2e-2)
+                rep.check(f"{tag}: {name} rel err", rel(g, gr), bound)
         same = torch.equal(outs[0], outs[1]) and all(
             (a is None and b is None) or torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True)
         )
@@ -273,7 +276,7 @@ def check_layer(rep: Report) -> None:
         ("triton", ours, BF16),
         ("torch", torch_bf16, BF16),
     ):
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.detach().to(dtype).clone().requires_grad_(True)
         poison()
         y = m(xi)
         (y.float() * dy).sum().add(m.aux_loss.float()).backward()
