@@ -11,10 +11,12 @@ from lightning_moe.models import (
 )
 from lightning_moe.modules import LanguageModelModule, MultitaskTranslationModule
 from lightning_moe.moe import MoE, MoEStats
+from lightning_moe.strategy import ExpertParallelStrategy, consolidate_checkpoint  # registers "expert_parallel"
 
 __all__ = [
     "GPT",
     "EncoderDecoderTransformer",
+    "ExpertParallelStrategy",
     "GPTConfig",
     "LanguageModelModule",
     "LoadBalanceMonitor",
@@ -23,6 +25,7 @@ __all__ = [
     "MultitaskTranslationModule",
     "TransformerConfig",
     "beam_search",
+    "consolidate_checkpoint",
     "greedy_search",
 ]
 __version__ = "0.1.0.dev0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def _translate_parser() -> argparse.ArgumentParser:
         prog="lightning-moe translate",
         description="Translate text with a trained MultitaskTranslationModule checkpoint.",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint path (.ckpt or a consolidated checkpoint)")
+    parser.add_argument(
+        "--ckpt", required=True, help="checkpoint: a .ckpt file, or an expert-sharded checkpoint directory"
+    )
     parser.add_argument("--tgt-lang", required=True, help="target language code, e.g. de")
     parser.add_argument("--beam-size", type=int, default=4, help="beam width (1 = greedy); default 4")
     parser.add_argument("--max-length", type=int, default=None, help="maximum output tokens")
@@ -92,8 +95,16 @@ def translate_main(argv: Sequence[str]) -> int:
         )
         return 2
     from lightning_moe.modules.translation import MultitaskTranslationModule
+    from lightning_moe.strategy.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 
-    module = MultitaskTranslationModule.from_checkpoint(str(ckpt))
+    if is_sharded_checkpoint(ckpt):
+        # An expert-sharded directory from ExpertParallelStrategy: merge it into one file first.
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = Path(tmp) / "consolidated.ckpt"
+            consolidate_checkpoint(ckpt, merged, weights_only_model=True)
+            module = MultitaskTranslationModule.from_checkpoint(str(merged))
+    else:
+        module = MultitaskTranslationModule.from_checkpoint(str(ckpt))
     languages = list(module.tokenizer.languages)
     if args.tgt_lang not in languages:
         print(
@@ -116,25 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args and args[0] == "translate":
         raise SystemExit(translate_main(args[1:]))
     if args and args[0] == "consolidate":
-        raise SystemExit(consolidate_main(args[1:]))
+        from lightning_moe.strategy.consolidate import main as consolidate_main
+
+        consolidate_main(args[1:])
+        return
     run_cli(args)
-
-
-def consolidate_main(argv: Sequence[str]) -> int:
-    """``lightning-moe consolidate SRC DST``: write a single-file checkpoint for inference.
-
-    Returns:
-        The process exit code.
-    """
-    parser = argparse.ArgumentParser(
-        prog="lightning-moe consolidate",
-        description="Consolidate an expert-parallel checkpoint into one file for inference.",
-    )
-    parser.add_argument("src", help="checkpoint written by ExpertParallelStrategy")
-    parser.add_argument("dst", help="output file")
-    args = parser.parse_args(list(argv))
-    from lightning_moe.strategy.checkpoint import consolidate_checkpoint
-
-    consolidate_checkpoint(args.src, args.dst)
-    print(f"wrote {args.dst}")
-    return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightning_moe.moe.dispatch import ExpertParallelGroup, TokenDispatcher
@@ -162,6 +163,30 @@ class MoE(nn.Module):
         experts.num_experts = L
         self.expert_offset = start
         self.dispatcher = TokenDispatcher(self.num_experts, ep)
+
+    def unshard_experts(self) -> None:
+        """Gather every expert back from the expert-parallel group (the inverse of :meth:`shard_experts`).
+
+        A collective over the group: every rank of it must call this. Afterwards the layer holds
+        all ``num_experts`` experts and runs without exchanging tokens. A no-op if the layer is
+        not sharded.
+        """
+        ep = self.dispatcher.ep
+        if ep is None:
+            return
+        experts = self.experts
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                param = getattr(experts, name)
+                if param is None:
+                    continue
+                local = param.detach().contiguous()
+                parts = [torch.empty_like(local) for _ in range(ep.size)]
+                dist.all_gather(parts, local, group=ep.group)
+                setattr(experts, name, nn.Parameter(torch.cat(parts), requires_grad=param.requires_grad))
+        experts.num_experts = self.num_experts
+        self.expert_offset = 0
+        self.dispatcher = TokenDispatcher(self.num_experts)
 
     def _use_triton(self, x: Tensor) -> bool:
         if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):

@@ -21,7 +21,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
@@ -37,8 +36,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_moe.moe.dispatch import TokenDispatcher
-from lightning_moe.moe.layer import MoE, moe_layers
+from lightning_moe.moe.layer import moe_layers
 from lightning_moe.strategy.checkpoint import (
     expert_layer_specs,
     load_checkpoint,
@@ -46,7 +44,6 @@ from lightning_moe.strategy.checkpoint import (
     write_sharded_checkpoint,
 )
 from lightning_moe.strategy.grads import (
-    EXPERT_WEIGHT_NAMES,
     clip_grad_norm_,
     expert_parameters,
     reduce_expert_gradients,
@@ -337,7 +334,7 @@ class ExpertParallelStrategy(DDPStrategy):
             ep = self._groups.expert_parallel
             if ep.size > 1:
                 for _, layer in moe_layers(module):
-                    _unshard_experts(layer, ep.group, ep.size)
+                    layer.unshard_experts()
         self._expert_params = []
         super().teardown()
 
@@ -352,26 +349,6 @@ class ExpertParallelStrategy(DDPStrategy):
                     description=f"Expert parallelism for MoE models over DDP, start_method={start_method!r}",
                     start_method=start_method,
                 )
-
-
-def _unshard_experts(layer: MoE, group: object, size: int) -> None:
-    """Gather a sharded layer's experts from its expert-parallel group (inverse of ``shard_experts``)."""
-    if layer.num_local_experts == layer.num_experts:
-        return
-    experts = layer.experts
-    with torch.no_grad():
-        for name in EXPERT_WEIGHT_NAMES:
-            param = getattr(experts, name, None)
-            if param is None:
-                continue
-            local = param.detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(size)]
-            dist.all_gather(parts, local, group=group)
-            full = torch.cat(parts).cpu() if local.is_cuda else torch.cat(parts)
-            setattr(experts, name, nn.Parameter(full, requires_grad=param.requires_grad))
-    experts.num_experts = layer.num_experts
-    layer.expert_offset = 0
-    layer.dispatcher = TokenDispatcher(layer.num_experts)
 
 
 def register_expert_parallel_strategy() -> None:
