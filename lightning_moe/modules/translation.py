@@ -46,7 +46,8 @@ class MultitaskTranslationModule(LightningModule):
     ``val/bleu_<direction>``, ``val/chrf_<direction>`` from beam search, and the same with
     ``_greedy`` for greedy search (``val/bleu_greedy`` ...). Test uses the ``test/`` prefix.
 
-    BLEU and chrF are torchmetrics' ``BLEUScore`` (4-gram, no smoothing, whitespace tokenization
+    BLEU and chrF are torchmetrics' ``BLEUScore`` (4-gram, add-one smoothing (Lin & Och 2004) since the
+    evaluation subsets are small and short, whitespace tokenization
     of the detokenized text) and ``CHRFScore`` (character 6-grams, word 2-grams, beta 2), reported
     on a 0-100 scale.
 
@@ -421,7 +422,7 @@ class MultitaskTranslationModule(LightningModule):
             tgt_lang = direction.split("-")[-1]
             for kind, beam in searches.items():
                 hypotheses = self._translate_ids(self._encode_sources(sources, tgt_lang), beam)
-                bleu = 100.0 * float(BLEUScore()(hypotheses, references))
+                bleu = 100.0 * float(BLEUScore(smooth=True)(hypotheses, references))
                 chrf = 100.0 * float(CHRFScore()(hypotheses, references))
                 self.log(f"{prefix}/bleu{kind}_{direction}", bleu, sync_dist=True)
                 self.log(f"{prefix}/chrf{kind}_{direction}", chrf, sync_dist=True)
