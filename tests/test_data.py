@@ -239,12 +239,18 @@ def test_batch_layout(datamodule: MultilingualDataModule) -> None:
     assert all((b["task"] == TASK_TRANSLATION).all() for b in val)
     assert max(b["src_ids"].shape[1] for b in val) <= datamodule.max_length
     first = val[0]
-    src_text, ref = datamodule.val_examples(datamodule.directions[first["direction"][0]], 1)[0]
+    direction = datamodule.directions[first["direction"][0]]
+    src_text, ref = datamodule.val_examples(direction)[0]
     assert tok.decode(first["src_ids"][0].tolist()) == src_text
     assert tok.decode(first["tgt_out"][0].tolist()) == ref
     assert datamodule.encode_source(src_text, "ar")[0] == datamodule.decoder_start_id("ar")
     with pytest.raises(ValueError, match="'de-de' is not a translation direction"):
         datamodule.val_examples("de-de")
+    # A subset is a fixed sample spread over the split, not its (placeholder-heavy) prefix.
+    everything = datamodule.val_examples(direction)
+    subset = datamodule.val_examples(direction, 8)
+    assert subset == datamodule.val_examples(direction, 8)
+    assert len(subset) == 8 and set(subset) <= set(everything) and subset != everything[:8]
 
 
 def test_state_dict_restores_tokenizer(datamodule: MultilingualDataModule, tmp_path: Path) -> None:

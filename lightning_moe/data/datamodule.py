@@ -372,7 +372,8 @@ class MultilingualDataModule(LightningDataModule):
 
         Args:
             direction: A translation direction such as ``"de-en"``.
-            n: Return at most this many (the first ones, in the fixed order); None for all.
+            n: Return at most this many: a fixed sample (seeded by ``seed``, split and direction, in corpus
+                order), the same on every call and every rank; None for all.
 
         Raises:
             ValueError: If ``direction`` is not a translation direction of the data.
@@ -523,7 +524,12 @@ class MultilingualDataModule(LightningDataModule):
                 f"choose one of {self.translation_directions}"
             )
         examples = self._direction_examples(split, direction)
-        return examples if n is None else examples[:n]
+        if n is None or n >= len(examples):
+            return examples
+        # A fixed, seeded sample rather than the first n: the corpus is sorted by English text, so a
+        # prefix would be dominated by placeholder strings such as "%(num)d days".
+        picked = sorted(random.Random(f"{self.seed}:{split}:{direction}").sample(range(len(examples)), n))
+        return [examples[i] for i in picked]
 
     def _eval_examples(self, split: str) -> list[dict[str, Any]]:
         self._require_setup()

@@ -46,9 +46,9 @@ class MultitaskTranslationModule(LightningModule):
     ``val/bleu_<direction>``, ``val/chrf_<direction>`` from beam search, and the same with
     ``_greedy`` for greedy search (``val/bleu_greedy`` ...). Test uses the ``test/`` prefix.
 
-    BLEU and chrF are torchmetrics' ``BLEUScore`` (4-gram, add-one smoothing (Lin & Och 2004) since the
-    evaluation subsets are small and short, whitespace tokenization
-    of the detokenized text) and ``CHRFScore`` (character 6-grams, word 2-grams, beta 2), reported
+    BLEU and chrF are torchmetrics' ``BLEUScore`` (4-gram, add-one smoothing, whitespace tokenization
+    of the detokenized text; ``val/bleu`` is corpus BLEU over all directions' sentences pooled, since
+    BLEU is 0 whenever one n-gram order has no match, which is common for a few short sentences) and ``CHRFScore`` (character 6-grams, word 2-grams, beta 2), reported
     on a 0-100 scale.
 
     Args:
@@ -413,6 +413,7 @@ class MultitaskTranslationModule(LightningModule):
             directions = [d for d in self.directions if d.split("-")[0] != d.split("-")[-1]]
         searches = {"": self.hparams["beam_size"], "_greedy": 1}
         scores: dict[str, dict[str, list[float]]] = {kind: {"bleu": [], "chrf": []} for kind in searches}
+        pooled: dict[str, tuple[list[str], list[list[str]]]] = {kind: ([], []) for kind in searches}
         for direction in directions:
             examples = examples_fn(direction, self.hparams["num_eval_examples"])
             if not examples:
@@ -428,10 +429,18 @@ class MultitaskTranslationModule(LightningModule):
                 self.log(f"{prefix}/chrf{kind}_{direction}", chrf, sync_dist=True)
                 scores[kind]["bleu"].append(bleu)
                 scores[kind]["chrf"].append(chrf)
+                pooled[kind][0].extend(hypotheses)
+                pooled[kind][1].extend(references)
         for kind, by_metric in scores.items():
-            for metric, values in by_metric.items():
-                if values:
-                    self.log(f"{prefix}/{metric}{kind}", sum(values) / len(values), prog_bar=kind == "", sync_dist=True)
+            if not by_metric["chrf"]:
+                continue
+            chrf_mean = sum(by_metric["chrf"]) / len(by_metric["chrf"])
+            # Corpus BLEU over every direction's sentences together: a few short sentences of one
+            # direction rarely share a 4-gram with their references, and BLEU is 0 whenever one
+            # n-gram order has no match at all (smoothing or not).
+            bleu_pooled = 100.0 * float(BLEUScore(smooth=True)(*pooled[kind]))
+            self.log(f"{prefix}/chrf{kind}", chrf_mean, prog_bar=kind == "", sync_dist=True)
+            self.log(f"{prefix}/bleu{kind}", bleu_pooled, prog_bar=kind == "", sync_dist=True)
 
     # ------------------------------------------------------------------ inference
 
