@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_moe.models import GPT, GPTConfig
-from lightning_moe.modules.optim import SCHEDULES, adamw_with_schedule
+from lightning_moe.modules.optim import SCHEDULES, adamw_from_hparams
 from lightning_moe.modules.tokenizer_state import tokenizer_from_state, tokenizer_to_state
 
 _CHECKPOINT_KEY = "lightning_moe"
@@ -248,15 +248,9 @@ class LanguageModelModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        hp = self.hparams
-        max_steps = hp["max_steps"]
-        if hp["schedule"] == "cosine" and max_steps is None:
-            max_steps = int(self.trainer.estimated_stepping_batches)
-        return adamw_with_schedule(
-            self._require_model(), lr=hp["lr"], weight_decay=hp["weight_decay"], betas=tuple(hp["betas"]),
-            eps=hp["adam_eps"], schedule=hp["schedule"], warmup_steps=hp["warmup_steps"], max_steps=max_steps,
-            min_lr_ratio=hp["min_lr_ratio"],
-        )  # fmt: skip
+        return adamw_from_hparams(
+            self._require_model(), self.hparams, lambda: int(self.trainer.estimated_stepping_batches)
+        )
 
     @torch.no_grad()
     def generate(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -91,3 +92,28 @@ def adamw_with_schedule(
 
 
 __all__ = ["SCHEDULES", "adamw_with_schedule", "lr_multiplier"]
+
+
+def adamw_from_hparams(
+    module: nn.Module, hparams: Mapping[str, Any], estimated_steps: Callable[[], int]
+) -> OptimizerLRSchedulerConfig:
+    """:func:`adamw_with_schedule` configured from a LightningModule's optimizer hyper-parameters.
+
+    Args:
+        module: the model whose parameters are optimized.
+        hparams: holds ``lr``, ``weight_decay``, ``betas``, ``adam_eps``, ``schedule``,
+            ``warmup_steps``, ``max_steps`` and ``min_lr_ratio``.
+        estimated_steps: the run's length in optimizer steps (e.g. the Trainer's
+            ``estimated_stepping_batches``), asked only for a cosine schedule without ``max_steps``.
+
+    Returns:
+        The optimizer and its per-step scheduler, as ``configure_optimizers`` returns them.
+    """
+    max_steps = hparams["max_steps"]
+    if hparams["schedule"] == "cosine" and max_steps is None:
+        max_steps = int(estimated_steps())
+    return adamw_with_schedule(
+        module, lr=hparams["lr"], weight_decay=hparams["weight_decay"], betas=tuple(hparams["betas"]),
+        eps=hparams["adam_eps"], schedule=hparams["schedule"], warmup_steps=hparams["warmup_steps"],
+        max_steps=max_steps, min_lr_ratio=hparams["min_lr_ratio"],
+    )  # fmt: skip
