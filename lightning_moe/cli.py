@@ -51,6 +51,14 @@ class MoECLI(LightningCLI):
             lines.append(f'  translate: lightning-moe translate --ckpt {callback_ckpt} --tgt-lang de "Hello"')
         print("\n".join(lines))
 
+    def after_predict(self) -> None:
+        """Print the predictions (for translation: one translated sentence per line)."""
+        if not self.trainer.is_global_zero:
+            return
+        for batch in self.trainer.predict_loop.predictions or []:
+            for item in batch if isinstance(batch, list) else [batch]:
+                print(item)
+
 
 def run_cli(args: Sequence[str]) -> MoECLI:
     """Run one LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``)."""

@@ -68,6 +68,12 @@ def test_fit_from_recipe_then_translate(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
 
+    main(["predict", "-c", str(recipe), "--ckpt_path", str(ckpts[0]), "--trainer.limit_predict_batches", "1"])
+    out_lines = capsys.readouterr().out.strip().splitlines()
+    last_bar = max(i for i, line in enumerate(out_lines) if line.startswith("Predicting"))
+    predicted = out_lines[last_bar + 1 :]  # one translation per line after the progress bar
+    assert len(predicted) == yaml.safe_load(recipe.read_text())["data"]["init_args"]["batch_size"]
+
     with pytest.raises(SystemExit) as exc:
         main(["translate", "--ckpt", str(ckpts[0]), "--tgt-lang", "xx", "Save"])
     assert exc.value.code == 2
@@ -86,6 +92,9 @@ def test_gpt_recipe_fits(tmp_path, capsys):
     recipe = _small_recipe("gpt_moe_tiny.yaml", tmp_path, steps=2)
     main(["fit", "-c", str(recipe)])
     assert "val/ppl" in capsys.readouterr().out
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    main(["test", "-c", str(recipe), "--ckpt_path", str(last), "--trainer.limit_test_batches", "2"])
+    assert "test/ppl" in capsys.readouterr().out
 
 
 def test_module_entry_point_help():

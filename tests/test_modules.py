@@ -240,3 +240,22 @@ def test_synthetic_language_model_data(tmp_path):
     module = LanguageModelModule(**TINY_LM, warmup_steps=1, schedule="cosine", max_steps=3)
     _trainer(tmp_path, fast_dev_run=1).fit(module, dm)
     assert module.model is not None and module.model.config.vocab_size == 50
+
+
+def test_lm_datamodule_test_split(tmp_path):
+    import json
+
+    bundled = LanguageModelDataModule(seq_len=16, batch_size=4, vocab_size=600)
+    bundled.setup()
+    batch = next(iter(bundled.test_dataloader()))
+    assert batch["input_ids"].shape == (4, 16)
+
+    rows = [
+        {"src_lang": "en", "tgt_lang": "de", "src": f"sentence number {i}", "tgt": f"Satz Nummer {i}"}
+        for i in range(300)
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    own = LanguageModelDataModule(data_dir=str(tmp_path), seq_len=8, batch_size=2, vocab_size=400)
+    own.setup()
+    with pytest.raises(ValueError, match=r"has no test split; add test\.jsonl"):
+        own.test_dataloader()

@@ -353,6 +353,11 @@ class MultilingualDataModule(LightningDataModule):
         return self._loader(_EvalDataset(self._eval_examples("test")))
 
     @override
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's translation examples (every direction, fixed order), for ``predict``."""
+        return self.test_dataloader()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state: the tokenizer, so a resumed run decodes with the same vocabulary."""
         return {"tokenizer": None if self._tokenizer is None else self._tokenizer.to_dict()}

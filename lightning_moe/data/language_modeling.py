@@ -153,7 +153,7 @@ class LanguageModelDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Train and save the tokenizer if ``tokenizer_path`` is set and missing (rank 0 only)."""
         if not self.synthetic and self.tokenizer_path is not None and not Path(self.tokenizer_path).is_file():
-            train, _ = self._read_sentences()
+            train = self._read_sentences()["train"]
             self._train_tokenizer(train).save(self.tokenizer_path)
 
     @override
@@ -161,7 +161,8 @@ class LanguageModelDataModule(LightningDataModule):
         """Read and tokenize the corpus (nothing to do in synthetic mode)."""
         if self.synthetic or self._streams:
             return
-        train, validation = self._read_sentences()
+        splits = self._read_sentences()
+        train = splits["train"]
         if self._tokenizer is None:
             if self.tokenizer_path is not None and Path(self.tokenizer_path).is_file():
                 self._tokenizer = Tokenizer.load(self.tokenizer_path)
@@ -169,7 +170,7 @@ class LanguageModelDataModule(LightningDataModule):
                 self._tokenizer = self._train_tokenizer(train)
                 if self.tokenizer_path is not None:
                     self._tokenizer.save(self.tokenizer_path)
-        self._streams = {"train": self._stream(train), "validation": self._stream(validation)}
+        self._streams = {split: self._stream(sentences) for split, sentences in splits.items() if sentences}
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -181,16 +182,26 @@ class LanguageModelDataModule(LightningDataModule):
         """Blocks of the validation split, in order."""
         return self._loader(self._dataset("validation"), shuffle=False)
 
+    @override
+    def test_dataloader(self) -> DataLoader:
+        """Blocks of the test split, in order."""
+        return self._loader(self._dataset("test"), shuffle=False)
+
     # ------------------------------------------------------------------ internals
 
     def _dataset(self, split: str) -> Dataset:
         if self.synthetic:
             n = self.synthetic_samples if split == "train" else max(1, self.synthetic_samples // 10)
-            seed = self.seed if split == "train" else self.seed + 1
+            seed = self.seed + ("train", "validation", "test").index(split)
             return _SyntheticDataset(n, self.seq_len, self.requested_vocab_size, seed)
         if not self._streams:
             raise RuntimeError(
                 "LanguageModelDataModule is not set up; call datamodule.setup() (the Trainer does) first"
+            )
+        if split not in self._streams:
+            source = "the bundled corpus" if self.data_dir is None else self.data_dir
+            raise ValueError(
+                f"{source} has no {split} split; add {split}.jsonl (or line-aligned {split}.* files) to the data"
             )
         dataset = _BlockDataset(self._streams[split], self.seq_len)
         if len(dataset) == 0:
@@ -206,8 +217,8 @@ class LanguageModelDataModule(LightningDataModule):
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 
-    def _read_sentences(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        """``(language, sentence)`` lists of the train and validation splits, deduplicated."""
+    def _read_sentences(self) -> dict[str, list[tuple[str, str]]]:
+        """``(language, sentence)`` lists of the train, validation and test splits, deduplicated."""
         source = bundled_corpus_dir() if self.data_dir is None else Path(self.data_dir)
         splits = read_corpus(source)
         if not splits["train"]:
@@ -224,7 +235,7 @@ class LanguageModelDataModule(LightningDataModule):
             train = [s for s in train if hash_split(s[1], 5, 0) != "validation"]
         if not train:
             raise ValueError(f"languages={self.requested_languages} leaves no training sentences in {source}")
-        return train, validation
+        return {"train": train, "validation": validation, "test": sentences("test")}
 
     def _train_tokenizer(self, train: list[tuple[str, str]]) -> Tokenizer:
         languages = sorted({lang for lang, _ in train})
