@@ -226,6 +226,7 @@ class MoE(nn.Module):
         compute_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
+        x_compute_TH = x_TH.to(compute_dtype)  # experts run in the autocast dtype; the router stays fp32
         use_triton = self._use_triton(x)
         if use_triton:
             from lightning_moe.kernels import triton_route
@@ -236,15 +237,15 @@ class MoE(nn.Module):
         if use_triton:
             from lightning_moe.kernels import triton_moe_experts
 
-            y_TH, kept_E = triton_moe_experts(self, x_TH.to(compute_dtype), routing)
+            y_TH, kept_E = triton_moe_experts(self, x_compute_TH, routing)
         else:
-            rows, counts_L, kept_E, state = self.dispatcher.dispatch(x_TH.to(compute_dtype), routing)
+            rows, counts_L, kept_E, state = self.dispatcher.dispatch(x_compute_TH, routing)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 out_rows = self.experts(rows, counts_L)
             y_TH = self.dispatcher.combine(out_rows, state)
         if self.shared_experts is not None:
             with torch.autocast(device_type=x.device.type, enabled=False):
-                shared = self.shared_experts.expert_forward(0, x_TH.to(compute_dtype))
+                shared = self.shared_experts.expert_forward(0, x_compute_TH)
             if mask_T is not None:
                 shared = shared * (~mask_T)[:, None].to(shared.dtype)
             y_TH = y_TH + shared

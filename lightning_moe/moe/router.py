@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -167,8 +166,11 @@ class Router(nn.Module):
         valid_f_T = valid_T.to(router_dtype)
         num_tokens = valid_f_T.sum()
         denom = num_tokens.clamp_min(1.0)
-        onehot_TKE = F.one_hot(expert_indices_TK, E).to(router_dtype) * valid_f_T[:, None, None]
-        tokens_per_expert_E = onehot_TKE.sum(dim=(0, 1))
+        # Counts of whole assignments are exact in floating point, so scatter_add's order is irrelevant;
+        # no [T, K, E] one-hot tensor is built.
+        tokens_per_expert_E = torch.zeros(E, dtype=router_dtype, device=x_TH.device).scatter_add_(
+            0, expert_indices_TK.reshape(-1), valid_f_T[:, None].expand(T, K).reshape(-1)
+        )
 
         # Load-balancing loss: E * sum_e(mean_prob_e * frac_e), frac over all K choices
         # (frac_e = assignments_e / (T * K)); equals 1 for a perfectly balanced router for any K,
