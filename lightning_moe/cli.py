@@ -32,8 +32,9 @@ class MoECLI(LightningCLI):
             return
         lines = ["", "Run finished."]
         callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
-            lines.append(f"  checkpoint (best): {callback.best_model_path}")
+        best = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
+        if best:
+            lines.append(f"  checkpoint (best): {best}")
             if callback.last_model_path:
                 lines.append(f"  checkpoint (last): {callback.last_model_path}")
         for logger in trainer.loggers:
@@ -42,13 +43,12 @@ class MoECLI(LightningCLI):
             metrics = Path(str(log_dir)) / "metrics.csv"
             if metrics.exists():
                 lines.append(f"  metrics: {metrics}")
-        final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
-        for key in sorted(final):
-            if key in ("val/loss", "val/chrf", "val/bleu", "val/ppl"):
-                lines.append(f"  {key} = {final[key]:.4f}")
-        callback_ckpt = callback.best_model_path if isinstance(callback, ModelCheckpoint) else ""
-        if callback_ckpt and hasattr(self.model, "translate"):
-            lines.append(f'  translate: lightning-moe translate --ckpt {callback_ckpt} --tgt-lang de "Hello"')
+        for key in ("val/bleu", "val/chrf", "val/loss", "val/ppl"):
+            value = trainer.callback_metrics.get(key)
+            if value is not None:
+                lines.append(f"  {key} = {float(value):.4f}")
+        if best and hasattr(self.model, "translate"):
+            lines.append(f'  translate: lightning-moe translate --ckpt {best} --tgt-lang de "Hello"')
         print("\n".join(lines))
 
     def after_predict(self) -> None:
