@@ -197,6 +197,24 @@ def test_fused_experts_match_reference(T, H, F, E, K, activation, cf, special):
 
 
 @kernel_test
+def test_gather_rows_writes_the_kept_rows_only():
+    from lightning_moe.kernels.grouped_gemm import gather_rows
+
+    T, K, H = 23, 3, 40  # H not a multiple of the column block
+    src = torch.randn(T, H)
+    scale = torch.rand(T * K)
+    counts = torch.tensor([7, 0, 30, 11], dtype=torch.int32)  # 48 of 69 pairs kept
+    n = int(counts.sum())
+    row_pair = torch.randperm(T * K).to(torch.int32)
+    for s in (None, scale):
+        out = gather_rows(src, row_pair, K, counts, T * K, scale=s)
+        pairs = row_pair[:n].long()
+        expect = src[pairs // K] * (1.0 if s is None else s[pairs, None])
+        torch.testing.assert_close(out[:n], expect, rtol=0, atol=0)
+    assert gather_rows(src, row_pair, K, torch.zeros(4, dtype=torch.int32), 0).shape == (0, H)
+
+
+@kernel_test
 def test_grouped_ffn_rows_and_determinism():
     from lightning_moe.kernels.moe_ffn import grouped_ffn
 

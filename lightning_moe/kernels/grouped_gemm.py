@@ -47,6 +47,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    a_trans_load: bool = False  # wgrad: load the A tile as [BLOCK_M, BLOCK_K] instead of tl.trans
 
 
 INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=1)
@@ -282,7 +283,7 @@ def _wgrad_kernel(
     a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, counts_ptr,
     E, M, N, TOP_K, stride_a, stride_b, stride_ce, stride_cm,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, NEED_PAIR: tl.constexpr, DUAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    A_T: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -314,22 +315,57 @@ def _wgrad_kernel(
         src_b = rows
         if GATHER_B:
             src_b = pair // TOP_K
-        a = tl.load(
-            a_ptr + src_a.to(tl.int64)[:, None] * stride_a + offs_m[None, :],
-            mask=r_mask[:, None] & m_mask[None, :],
-            other=0.0,
-        )
+        if A_T:
+            # The A tile loaded as [BLOCK_M, BLOCK_K] (M contiguous) instead of transposed after the load.
+            a_t = tl.load(
+                a_ptr + src_a.to(tl.int64)[None, :] * stride_a + offs_m[:, None],
+                mask=r_mask[None, :] & m_mask[:, None],
+                other=0.0,
+            )
+        else:
+            a = tl.load(
+                a_ptr + src_a.to(tl.int64)[:, None] * stride_a + offs_m[None, :],
+                mask=r_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+            a_t = tl.trans(a)
         b_offs = src_b.to(tl.int64)[:, None] * stride_b + offs_n[None, :]
         b = tl.load(b1_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc1 = tl.dot(tl.trans(a), b, acc1, input_precision=PRECISION)
+        acc1 = tl.dot(a_t, b, acc1, input_precision=PRECISION)
         if DUAL:
             b = tl.load(b2_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc2 = tl.dot(tl.trans(a), b, acc2, input_precision=PRECISION)
+            acc2 = tl.dot(a_t, b, acc2, input_precision=PRECISION)
     c_offs = e.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     tl.store(c1_ptr + c_offs, acc1.to(c1_ptr.dtype.element_ty), mask=mask)
     if DUAL:
         tl.store(c2_ptr + c_offs, acc2.to(c2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    src_ptr, row_pair_ptr, scale_ptr, counts_ptr, out_ptr, E, H, TOP_K, stride_src, stride_out,
+    SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    offs_e = tl.arange(0, BLOCK_E)
+    num_rows = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), axis=0)
+    r0 = tl.program_id(0) * BLOCK_R
+    if r0 >= num_rows:
+        return
+    rows = r0 + tl.arange(0, BLOCK_R)
+    r_mask = rows < num_rows
+    pair = tl.load(row_pair_ptr + rows, mask=r_mask, other=0)
+    src = (pair // TOP_K).to(tl.int64)
+    if SCALED:
+        s = tl.load(scale_ptr + pair, mask=r_mask, other=0.0)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = r_mask[:, None] & (offs_h < H)[None, :]
+        v = tl.load(src_ptr + src[:, None] * stride_src + offs_h[None, :], mask=mask, other=0.0)
+        if SCALED:
+            v = v.to(tl.float32) * s[:, None]
+        out_offs = rows.to(tl.int64)[:, None] * stride_out + offs_h[None, :]
+        tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -506,8 +542,41 @@ def wgrad(
         a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1,
         row_pair if row_pair is not None else counts_E, counts_E,
         E, M, N, top_k, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None,
+        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None, A_T=cfg.a_trans_load,
         PRECISION=_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return c1, c2
+
+
+def gather_rows(
+    src: Tensor, row_pair: Tensor, top_k: int, counts_E: Tensor, max_rows: int, scale: Tensor | None = None
+) -> Tensor:
+    """Token rows in expert-sorted order: ``out[r] = src[row_pair[r] // top_k] (* scale[row_pair[r]])``.
+
+    Only the first ``N = sum(counts_E)`` rows are written (read on the device: no host sync).
+
+    Args:
+        src: ``[T, H]`` token rows (unit column stride).
+        row_pair: ``[>= N]`` int32 pair of each row.
+        top_k: K.
+        counts_E: ``[E]`` int32 rows per expert.
+        max_rows: rows to allocate (an upper bound on ``N``).
+        scale: optional ``[T * K]`` float32 factor per pair (the combine weight), applied in float32
+            before rounding to ``src``'s dtype.
+
+    Returns:
+        ``[max_rows, H]`` in ``src``'s dtype.
+    """
+    H = src.shape[1]
+    out = src.new_empty(max_rows, H)
+    E = counts_E.shape[0]
+    block_r, block_h = (16, 16) if interpreter_enabled() else (32, 256)
+    grid = (triton.cdiv(max_rows, block_r),)
+    if grid[0] == 0:
+        return out
+    _gather_rows_kernel[grid](
+        src, row_pair, scale if scale is not None else src, counts_E, out, E, H, top_k, src.stride(0), out.stride(0),
+        SCALED=scale is not None, BLOCK_R=block_r, BLOCK_H=block_h, BLOCK_E=_block_e(E), num_warps=4,
+    )  # fmt: skip
+    return out

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_moe.kernels.combine import combine, combine_weights_grad
-from lightning_moe.kernels.grouped_gemm import act_bwd, ffn_up, grouped_mm, wgrad
+from lightning_moe.kernels.grouped_gemm import act_bwd, ffn_up, gather_rows, grouped_mm, wgrad
 
 
 def _cast(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -44,32 +44,39 @@ class _MoEExperts(torch.autograd.Function):
         x_TH = x_TH.contiguous()
         weights_P = weights_TK.float().contiguous().view(-1)
         w1, w3, w2 = (_cast(w, x_TH.dtype) for w in (w1_EHF, w3_EHF, w2_EFH))
-        g_NF, u_NF, h_NF, hs_NF = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation, scale=weights_P)
+        g_NF, u_NF, h_NF, _ = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation)
         slots_PH = x_TH.new_empty(P, H)
         if P > 0:
             grouped_mm(h_NF, w2, counts_E, slots_PH, row_pair=row_pair_P)
         y_TH = combine(slots_PH, kept_TK, weights_P.view(T, K), x_TH.dtype)
-        ctx.save_for_backward(x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, hs_NF, slots_PH)
+        ctx.save_for_backward(x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, h_NF, slots_PH)
         ctx.activation = activation
         ctx.param_dtypes = (w1_EHF.dtype, None if w3_EHF is None else w3_EHF.dtype, w2_EFH.dtype)
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):  # type: ignore[override]
-        x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, hs_NF, slots_PH = ctx.saved_tensors
+        x_TH, weights_P, w1, w3, w2, kept_TK, row_pair_P, counts_E, g_NF, u_NF, h_NF, slots_PH = ctx.saved_tensors
         T, K = kept_TK.shape
         P, H = T * K, x_TH.shape[1]
         dy_TH = dy_TH.to(x_TH.dtype).contiguous()
         dtype1, dtype3, dtype2 = ctx.param_dtypes
         dweights = combine_weights_grad(dy_TH, slots_PH, kept_TK) if ctx.needs_input_grad[1] else None
-        dg_NF, du_NF = act_bwd(dy_TH, row_pair_P, weights_P, K, _t(w2), g_NF, u_NF, counts_E, ctx.activation)
-        dw2, _ = wgrad(hs_NF, dy_TH, counts_E, dtype2, row_pair_P, K, gather_b=True)
+        # The weight-gradient GEMMs reduce over rows: a row gather inside their main loop cannot be
+        # software-pipelined (the gathered operand would wait on memory every step), so the token
+        # rows are gathered once into expert order here (one pass over T k rows).
+        dys_NH = gather_rows(dy_TH, row_pair_P, K, counts_E, P, scale=weights_P)  # w * dy[token]
+        dg_NF, du_NF = act_bwd(dys_NH, None, None, 1, _t(w2), g_NF, u_NF, counts_E, ctx.activation)
+        dw2, _ = wgrad(h_NF, dys_NH, counts_E, dtype2)
+        del dys_NH
         dx_slots_PH = x_TH.new_empty(P, H)
         w1_t, w3_t = _t(w1), _t(w3)
         if P > 0:
             grouped_mm(dg_NF, w1_t, counts_E, dx_slots_PH, row_pair=row_pair_P, a2=du_NF, b2_ERN=w3_t)
         dx_TH = combine(dx_slots_PH, kept_TK, None, x_TH.dtype)
-        dw1, dw3 = wgrad(x_TH, dg_NF, counts_E, dtype1, row_pair_P, K, gather_a=True, b2=du_NF)
+        del dx_slots_PH
+        xs_NH = gather_rows(x_TH, row_pair_P, K, counts_E, P)
+        dw1, dw3 = wgrad(xs_NH, dg_NF, counts_E, dtype1, b2=du_NF)
         if dw3 is not None and dtype3 != dtype1:
             dw3 = dw3.to(dtype3)
         return dx_TH, dweights, dw1, dw3, dw2, None, None, None, None
