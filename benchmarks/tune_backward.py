@@ -42,14 +42,18 @@ from lightning_moe.kernels import grouped_gemm as gg
 from lightning_moe.kernels.router import fused_route
 
 C = gg.GemmConfig
-ACT_CONFIGS = [
-    C(128, 128, 64, num_warps=8, num_stages=4),
-    C(128, 256, 64, num_warps=8, num_stages=3),
-    C(128, 128, 64, num_warps=8, num_stages=3),
-    C(128, 128, 64, num_warps=4, num_stages=4),
-    C(64, 256, 64, num_warps=4, num_stages=4),
-    C(256, 128, 64, num_warps=8, num_stages=3),
-    C(128, 64, 64, num_warps=4, num_stages=5),
+# (mode, config): the activation's backward fused into the epilogue, the same with its operands
+# loaded before the main loop, or split into a plain GEMM storing dh plus a memory-bound kernel.
+ACT_VARIANTS = [
+    ("fused", C(128, 128, 64, num_warps=8, num_stages=4)),
+    ("fused", C(128, 64, 64, num_warps=4, num_stages=5)),
+    ("preload", C(128, 128, 64, num_warps=8, num_stages=4)),
+    ("preload", C(128, 128, 64, num_warps=8, num_stages=3)),
+    ("preload", C(128, 64, 64, num_warps=4, num_stages=4)),
+    ("preload", C(64, 128, 64, num_warps=4, num_stages=4)),
+    ("split", None),
+    ("split", C(128, 128, 64, num_warps=8, num_stages=4)),
+    ("split", C(128, 128, 64, num_warps=8, num_stages=3)),
 ]
 WGRAD_CONFIGS = [
     C(128, 128, 64, num_warps=8, num_stages=3),
@@ -60,8 +64,6 @@ WGRAD_CONFIGS = [
     C(128, 128, 64, num_warps=4, num_stages=4),
     C(128, 128, 32, num_warps=4, num_stages=5),
     C(64, 128, 64, num_warps=4, num_stages=4),
-    C(128, 128, 64, num_warps=8, num_stages=3, a_trans_load=True),
-    C(128, 256, 64, num_warps=8, num_stages=3, a_trans_load=True),
 ]
 DUAL_CONFIGS = [
     C(128, 128, 64, num_warps=8, num_stages=3),
@@ -70,12 +72,11 @@ DUAL_CONFIGS = [
     C(128, 64, 64, num_warps=4, num_stages=4),
     C(128, 128, 32, num_warps=8, num_stages=5),
     C(64, 128, 64, num_warps=4, num_stages=4),
-    C(128, 128, 64, num_warps=8, num_stages=3, a_trans_load=True),
 ]
 
 
 def tag(c: gg.GemmConfig) -> str:
-    return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}" + (" aT" if c.a_trans_load else "")
+    return f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
 
 
 def tune_shape(shape, deadline: float) -> dict:
@@ -121,8 +122,14 @@ def tune_shape(shape, deadline: float) -> dict:
         lambda: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu"),
         gemm,
     )
-    for c in ACT_CONFIGS:
-        rec("dh", tag(c), lambda c=c: gg.act_bwd(dys, None, None, 1, w2t, g, u, counts, "swiglu", config=c), gemm)
+    for mode, c in ACT_VARIANTS:
+        rec(
+            "dh",
+            f"{mode} {tag(c) if c else 'default tile'}",
+            lambda c=c, mode=mode: gg.act_bwd(dys, None, None, 1, w2t, g, u, counts, "swiglu", config=c, mode=mode),
+            gemm,
+        )
+    rec("dh", "split: the GEMM part alone", lambda: gg.grouped_mm(dys, w2t, counts, torch.empty_like(g)), gemm)
     rec("dW2", "old: gather dy in loop, default tile", lambda: gg.wgrad(hs, dy, counts, dt, rp, k, gather_b=True), gemm)
     for c in WGRAD_CONFIGS:
         rec("dW2", tag(c), lambda c=c: gg.wgrad(h, dys, counts, dt, config=c), gemm)

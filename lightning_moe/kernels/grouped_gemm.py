@@ -47,7 +47,6 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
-    a_trans_load: bool = False  # wgrad: load the A tile as [BLOCK_M, BLOCK_K] instead of tl.trans
 
 
 INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=1)
@@ -226,7 +225,7 @@ def _grouped_mm_kernel(
 def _act_bwd_kernel(
     d_ptr, row_pair_ptr, scale_ptr, w_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, counts_ptr,
     E, R, N, TOP_K, num_pid_m, stride_d, stride_we, stride_wk, stride_wn, stride_act,
-    GATHER: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, PRELOAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -244,6 +243,11 @@ def _act_bwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    act_offs = rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    if PRELOAD:
+        # The epilogue's operands requested before the main loop, so their latency hides behind it.
+        g, u = _load_act(g_ptr, u_ptr, act_offs, mask, ACT)
     a_ptrs = d_ptr + src.to(tl.int64)[:, None] * stride_d + offs_k[None, :]
     w_offs = e.to(tl.int64) * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -261,21 +265,57 @@ def _act_bwd_kernel(
     if GATHER:
         # The combine weight of each row scales its whole output gradient (fp32, exact).
         acc = acc * tl.load(scale_ptr + pair, mask=row_mask, other=0.0)[:, None]
-    act_offs = rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
-    mask = row_mask[:, None] & n_mask[None, :]
-    g = tl.load(g_ptr + act_offs, mask=mask, other=0.0).to(tl.float32)
-    dtype = dg_ptr.dtype.element_ty
+    if not PRELOAD:
+        g, u = _load_act(g_ptr, u_ptr, act_offs, mask, ACT)
+    _act_bwd_store(acc, g, u, dg_ptr, du_ptr, act_offs, mask, ACT)
+
+
+@triton.jit
+def _load_act(g_ptr, u_ptr, offs, mask, ACT: tl.constexpr):
+    """The saved pre-activations ``g`` and (SwiGLU) ``u``; ``u`` is ``g`` for the other activations."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    u = g
     if ACT == 0:
-        u = tl.load(u_ptr + act_offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    return g, u
+
+
+@triton.jit
+def _act_bwd_store(dh, g, u, dg_ptr, du_ptr, offs, mask, ACT: tl.constexpr):
+    """``dg`` (and ``du``) from the float32 ``dh`` and the saved pre-activations."""
+    dtype = dg_ptr.dtype.element_ty
+    g = g.to(tl.float32)
+    if ACT == 0:
+        u = u.to(tl.float32)
         sig = tl.sigmoid(g)
-        tl.store(dg_ptr + act_offs, (acc * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
-        tl.store(du_ptr + act_offs, (acc * g * sig).to(dtype), mask=mask)
+        tl.store(dg_ptr + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
+        tl.store(du_ptr + offs, (dh * g * sig).to(dtype), mask=mask)
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
         pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
-        tl.store(dg_ptr + act_offs, (acc * (cdf + g * pdf)).to(dtype), mask=mask)
+        tl.store(dg_ptr + offs, (dh * (cdf + g * pdf)).to(dtype), mask=mask)
     else:
-        tl.store(dg_ptr + act_offs, tl.where(g > 0.0, acc, 0.0).to(dtype), mask=mask)
+        tl.store(dg_ptr + offs, tl.where(g > 0.0, dh, 0.0).to(dtype), mask=mask)
+
+
+@triton.jit
+def _act_bwd_rows_kernel(
+    dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, counts_ptr, E, N, stride,
+    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """The activation's backward alone, on the first ``sum(counts)`` rows (memory-bound)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    num_rows = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), axis=0)
+    r0 = tl.program_id(0) * BLOCK_R
+    if r0 >= num_rows:
+        return
+    rows = r0 + tl.arange(0, BLOCK_R)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < num_rows)[:, None] & (offs_n < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride + offs_n[None, :]
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g, u = _load_act(g_ptr, u_ptr, offs, mask, ACT)
+    _act_bwd_store(dh, g, u, dg_ptr, du_ptr, offs, mask, ACT)
 
 
 @triton.jit
@@ -283,7 +323,7 @@ def _wgrad_kernel(
     a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, counts_ptr,
     E, M, N, TOP_K, stride_a, stride_b, stride_ce, stride_cm,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, NEED_PAIR: tl.constexpr, DUAL: tl.constexpr,
-    A_T: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -315,20 +355,12 @@ def _wgrad_kernel(
         src_b = rows
         if GATHER_B:
             src_b = pair // TOP_K
-        if A_T:
-            # The A tile loaded as [BLOCK_M, BLOCK_K] (M contiguous) instead of transposed after the load.
-            a_t = tl.load(
-                a_ptr + src_a.to(tl.int64)[None, :] * stride_a + offs_m[:, None],
-                mask=r_mask[None, :] & m_mask[:, None],
-                other=0.0,
-            )
-        else:
-            a = tl.load(
-                a_ptr + src_a.to(tl.int64)[:, None] * stride_a + offs_m[None, :],
-                mask=r_mask[:, None] & m_mask[None, :],
-                other=0.0,
-            )
-            a_t = tl.trans(a)
+        a = tl.load(
+            a_ptr + src_a.to(tl.int64)[:, None] * stride_a + offs_m[None, :],
+            mask=r_mask[:, None] & m_mask[None, :],
+            other=0.0,
+        )
+        a_t = tl.trans(a)
         b_offs = src_b.to(tl.int64)[:, None] * stride_b + offs_n[None, :]
         b = tl.load(b1_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         acc1 = tl.dot(a_t, b, acc1, input_precision=PRECISION)
@@ -471,6 +503,7 @@ def grouped_mm(
 def act_bwd(
     dy: Tensor, row_pair: Tensor | None, scale: Tensor | None, top_k: int, w2t_EHF: Tensor,
     g: Tensor, u: Tensor | None, counts_E: Tensor, activation: str, config: GemmConfig | None = None,
+    mode: str = "fused",
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Gradients of the up projection's outputs: ``dh = s * dy[gather] @ w2[e]^T`` through the activation.
 
@@ -486,15 +519,30 @@ def act_bwd(
         counts_E: ``[E]`` int32 rows per expert.
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
         config: tile configuration.
+        mode: ``"fused"`` (the activation's backward in the GEMM's epilogue), ``"preload"`` (the
+            same, its operands loaded before the main loop) or ``"split"`` (the GEMM stores ``dh``
+            and a memory-bound kernel applies the activation's backward; no gather).
 
     Returns:
         ``dg`` and ``du`` (None unless SwiGLU), shaped like ``g``.
     """
     E, H, F = w2t_EHF.shape
     max_rows = g.shape[0]
-    cfg = config or pick_config("act_bwd", F, H, max_rows / max(E, 1))
     dg = torch.empty_like(g)
     du = torch.empty_like(g) if u is not None else None
+    if mode == "split":
+        if row_pair is not None:
+            raise ValueError("act_bwd(mode='split') takes pre-gathered rows (row_pair=None)")
+        dh = grouped_mm(dy, w2t_EHF, counts_E, torch.empty_like(g), config=config)
+        block_r, block_n = (16, 16) if interpreter_enabled() else (32, 128)
+        grid2 = (triton.cdiv(max_rows, block_r), triton.cdiv(F, block_n))
+        if grid2[0] > 0:
+            _act_bwd_rows_kernel[grid2](
+                dh, g, u if u is not None else g, dg, du if du is not None else dg, counts_E, E, F, g.stride(0),
+                ACT=ACT_IDS[activation], BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_E=_block_e(E), num_warps=4,
+            )  # fmt: skip
+        return dg, du
+    cfg = config or pick_config("act_bwd", F, H, max_rows / max(E, 1))
     num_pid_m = _row_tiles(max_rows, E, cfg.block_m)
     grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
     if grid[0] == 0:
@@ -504,7 +552,7 @@ def act_bwd(
         w2t_EHF, g, u if u is not None else g, dg, du if du is not None else dg, counts_E,
         E, H, F, top_k, num_pid_m, dy.stride(0), w2t_EHF.stride(0), w2t_EHF.stride(1), w2t_EHF.stride(2), g.stride(0),
         GATHER=row_pair is not None, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
-        PRECISION=_precision(dy.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=_precision(dy.dtype), PRELOAD=mode == "preload", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return dg, du
@@ -542,7 +590,7 @@ def wgrad(
         a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1,
         row_pair if row_pair is not None else counts_E, counts_E,
         E, M, N, top_k, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None, A_T=cfg.a_trans_load,
+        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None,
         PRECISION=_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
