@@ -307,7 +307,9 @@ def bench_breakdown(shape, results, sweep=False):
     w3 = torch.randn_like(w1)
     w2 = torch.randn(E, Fd, H, device="cuda", dtype=dt) * Fd**-0.5
     counts, rp, wts = r.kept_per_expert, r.row_pair, r.weights.reshape(-1).contiguous()
-    g, u, h, hs_ = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", scale=wts)
+    g, u, h = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu")
+    dys = gg.gather_rows(torch.randn(T, H, device="cuda", dtype=dt), rp, k, counts, P, scale=wts)
+    x_sorted = gg.gather_rows(x, rp, k, counts, P)
     w2t, w1t, w3t = (w.transpose(1, 2).contiguous() for w in (w2, w1, w3))
     slots = x.new_empty(P, H)
     dy = torch.randn(T, H, device="cuda", dtype=dt)
@@ -324,9 +326,7 @@ def bench_breakdown(shape, results, sweep=False):
         except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {str(err)[:100]}"}
 
-    rec(
-        "ours up (gather, w1+w3, swiglu, +h*s)", lambda: gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", wts), 2 * gemm
-    )
+    rec("ours up (gather, w1+w3, swiglu)", lambda: gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu"), 2 * gemm)
     rec("torch gather x[tok]", lambda: x[rp.long() // k], 0)
     rec("torch _grouped_mm x@w1 (x2 for up)", lambda: torch._grouped_mm(xs, w1, offs=offs), gemm)
     rec("ours down (scatter)", lambda: gg.grouped_mm(h, w2, counts, slots, row_pair=rp), gemm)
@@ -334,18 +334,14 @@ def bench_breakdown(shape, results, sweep=False):
     rec("ours combine", lambda: combine(slots, r.kept, r.weights, dt), 0)
     rec("ours combine bwd (dweights)", lambda: combine_weights_grad(dy, slots, r.kept), 0)
     rec("transpose w2 (contiguous w2^T)", lambda: w2.transpose(1, 2).contiguous(), 0)
+    rec("ours gather_rows (w * dy[token])", lambda: gg.gather_rows(dy, rp, k, counts, P, scale=wts), 0)
     rec(
-        "ours act_bwd (gather dy, w2^T contiguous, swiglu')",
-        lambda: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu"),
-        gemm,
-    )
-    rec(
-        "ours act_bwd (w2^T as a K-major view)",
-        lambda: gg.act_bwd(dy, rp, wts, k, w2.transpose(1, 2), g, u, counts, "swiglu"),
+        "ours act_bwd (dh GEMM, w2^T view, then swiglu')",
+        lambda: gg.act_bwd(dys, w2.transpose(1, 2), g, u, counts, "swiglu"),
         gemm,
     )
     rec("torch _grouped_mm dy@w2^T", lambda: torch._grouped_mm(xs, w2.transpose(1, 2), offs=offs), gemm)
-    rec("ours wgrad dW2 ((s h)^T @ dy[gather])", lambda: gg.wgrad(hs_, dy, counts, dt, rp, k, gather_b=True), gemm)
+    rec("ours wgrad dW2 (h^T @ dys)", lambda: gg.wgrad(h, dys, counts, dt), gemm)
     rec("torch _grouped_mm dW2 (h^T @ dy)", lambda: torch._grouped_mm(hs.t(), xs, offs=offs), gemm)
     rec(
         "ours dx (dg@w1^T + du@w3^T contiguous, scatter)",
@@ -358,8 +354,8 @@ def bench_breakdown(shape, results, sweep=False):
         2 * gemm,
     )
     rec(
-        "ours wgrad dW1+dW3 (x[gather]^T @ dg, du)",
-        lambda: gg.wgrad(x, g, counts, dt, rp, k, gather_a=True, b2=u),
+        "ours wgrad dW1+dW3 (x_sorted^T @ dg, du)",
+        lambda: gg.wgrad(x_sorted, g, counts, dt, b2=u),
         2 * gemm,
     )
     rec("torch _grouped_mm dW1 (x^T @ dg)", lambda: torch._grouped_mm(xs.t(), hs, offs=offs), gemm)
@@ -381,8 +377,8 @@ def bench_breakdown(shape, results, sweep=False):
                     2 * gemm,
                 ),
                 ("down", lambda c=c: gg.grouped_mm(h, w2, counts, slots, row_pair=rp, config=c), gemm),
-                ("act_bwd", lambda c=c: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu", config=c), gemm),
-                ("wgrad13", lambda c=c: gg.wgrad(x, g, counts, dt, rp, k, gather_a=True, b2=u, config=c), 2 * gemm),
+                ("act_bwd", lambda c=c: gg.act_bwd(dys, w2t, g, u, counts, "swiglu", config=c), gemm),
+                ("wgrad13", lambda c=c: gg.wgrad(x_sorted, g, counts, dt, b2=u, config=c), 2 * gemm),
             ):
                 if name == "up" and c.block_n == 256:
                     continue

@@ -1,21 +1,23 @@
-"""Backward kernels of the fused expert FFN: variants and tile sweep against torch._grouped_mm.
+"""Backward kernels of the fused expert FFN: tile sweep against torch._grouped_mm.
 
 Legend: T tokens, H hidden, F ffn, E experts, K top-k, P = T * K rows (dropless).
 
 For each shape (bf16, SwiGLU, dropless routing from the fused router), times in one run:
 
-- ``gather_rows``: the token rows of ``dy`` (scaled by the combine weight) and of ``x`` in expert
+- ``gather_rows``: the token rows of ``dy`` (times the combine weight) and of ``x`` in expert
   order, the one memory pass the backward spends so that its GEMMs read contiguous rows;
-- ``dh``: the activation-backward GEMM ``dh = (w dy)[rows] @ w2^T`` (SwiGLU' in the epilogue), on
-  pre-gathered rows for each tile configuration, and with the gather and the scale inside the
-  kernel (the 2026-11-29 path);
-- ``dW2 = h^T @ dys`` and ``dW1, dW3 = xs^T @ (dg, du)``: pre-gathered rows (one or two
-  accumulators) for each tile configuration, and the row gather inside the reduction loop (the
-  2026-11-29 path, which Triton cannot software-pipeline);
+- ``dh``: ``act_bwd`` (grouped GEMM ``dys @ w2^T``, then the activation's backward) per tile
+  configuration of its GEMM, and the GEMM alone;
+- ``dW2 = h^T @ dys`` and ``dW1, dW3 = xs^T @ (dg, du)`` (two accumulators, or two launches of one)
+  per tile configuration;
 - ``torch._grouped_mm`` on the same GEMMs.
 
 Also profiles where the fused router's host time goes (``cProfile``, top functions). Prints the
 best configuration per kernel and shape; full numbers in ``--out``/tune_backward.json.
+
+The 2026-11-30 comparisons with a gather inside the weight-gradient loop and with the activation's
+backward in the dh GEMM's epilogue (docs/kernels.md) were made with this script at commit 6910076,
+before those variants were removed.
 
     CUDA_VISIBLE_DEVICES=0 python benchmarks/tune_backward.py --shapes 0,1,2 --out results/
 """
@@ -42,18 +44,10 @@ from lightning_moe.kernels import grouped_gemm as gg
 from lightning_moe.kernels.router import fused_route
 
 C = gg.GemmConfig
-# (mode, config): the activation's backward fused into the epilogue, the same with its operands
-# loaded before the main loop, or split into a plain GEMM storing dh plus a memory-bound kernel.
-ACT_VARIANTS = [
-    ("fused", C(128, 128, 64, num_warps=8, num_stages=4)),
-    ("fused", C(128, 64, 64, num_warps=4, num_stages=5)),
-    ("preload", C(128, 128, 64, num_warps=8, num_stages=4)),
-    ("preload", C(128, 128, 64, num_warps=8, num_stages=3)),
-    ("preload", C(128, 64, 64, num_warps=4, num_stages=4)),
-    ("preload", C(64, 128, 64, num_warps=4, num_stages=4)),
-    ("split", None),
-    ("split", C(128, 128, 64, num_warps=8, num_stages=4)),
-    ("split", C(128, 128, 64, num_warps=8, num_stages=3)),
+DH_CONFIGS = [
+    None,  # pick_config's choice
+    C(128, 128, 64, num_warps=8, num_stages=4),
+    C(128, 128, 64, num_warps=8, num_stages=3),
 ]
 WGRAD_CONFIGS = [
     C(128, 128, 64, num_warps=8, num_stages=3),
@@ -91,7 +85,7 @@ def tune_shape(shape, deadline: float) -> dict:
     w3 = torch.randn_like(w1)
     w2 = torch.randn(E, Fd, H, device="cuda", dtype=dt) * Fd**-0.5
     counts, rp, wts = r.kept_per_expert, r.row_pair, r.weights.reshape(-1).contiguous()
-    g, u, h, hs = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu", scale=wts)
+    g, u, h = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu")
     dy = torch.randn(T, H, device="cuda", dtype=dt)
     dys = gg.gather_rows(dy, rp, k, counts, P, scale=wts)
     xs = gg.gather_rows(x, rp, k, counts, P)
@@ -116,29 +110,16 @@ def tune_shape(shape, deadline: float) -> dict:
     rec("ref", "torch _grouped_mm dys @ w2^T", lambda: torch._grouped_mm(dys, w2t, offs=offs), gemm)
     rec("ref", "torch _grouped_mm h^T @ dys (dW2)", lambda: torch._grouped_mm(h.t(), dys, offs=offs), gemm)
     rec("ref", "torch _grouped_mm xs^T @ dg (dW1)", lambda: torch._grouped_mm(xs.t(), g, offs=offs), gemm)
-    rec(
-        "dh",
-        "old: gather dy + scale in kernel, default tile",
-        lambda: gg.act_bwd(dy, rp, wts, k, w2t, g, u, counts, "swiglu"),
-        gemm,
-    )
-    for mode, c in ACT_VARIANTS:
+    for c in DH_CONFIGS:
         rec(
             "dh",
-            f"{mode} {tag(c) if c else 'default tile'}",
-            lambda c=c, mode=mode: gg.act_bwd(dys, None, None, 1, w2t, g, u, counts, "swiglu", config=c, mode=mode),
+            tag(c) if c else "default tile",
+            lambda c=c: gg.act_bwd(dys, w2t, g, u, counts, "swiglu", config=c),
             gemm,
         )
-    rec("dh", "split: the GEMM part alone", lambda: gg.grouped_mm(dys, w2t, counts, torch.empty_like(g)), gemm)
-    rec("dW2", "old: gather dy in loop, default tile", lambda: gg.wgrad(hs, dy, counts, dt, rp, k, gather_b=True), gemm)
+    rec("dh", "the GEMM part alone", lambda: gg.grouped_mm(dys, w2t, counts, torch.empty_like(g)), gemm)
     for c in WGRAD_CONFIGS:
         rec("dW2", tag(c), lambda c=c: gg.wgrad(h, dys, counts, dt, config=c), gemm)
-    rec(
-        "dW13",
-        "old: gather x in loop, dual, default tile",
-        lambda: gg.wgrad(x, g, counts, dt, rp, k, gather_a=True, b2=u),
-        2 * gemm,
-    )
     for c in DUAL_CONFIGS:
         rec("dW13", "dual " + tag(c), lambda c=c: gg.wgrad(xs, g, counts, dt, b2=u, config=c), 2 * gemm)
     for c in WGRAD_CONFIGS[:6]:
@@ -147,7 +128,7 @@ def tune_shape(shape, deadline: float) -> dict:
     best = {}
     for key, v in rows.items():
         group = key.split(" | ")[0]
-        if "ms" in v and group in ("dh", "dW2", "dW13") and "old" not in key:
+        if "ms" in v and group in ("dh", "dW2", "dW13") and "alone" not in key:
             if group not in best or v["ms"] < best[group][1]:
                 best[group] = (key, v["ms"], v["tflops"])
     return {"shape": shape, "rows": rows, "best": best}
@@ -214,7 +195,7 @@ def main() -> None:
     for res in results["shapes"]:
         for group, (key, ms, tf) in res["best"].items():
             print(f"  {res['shape']} {group}: {key} {ms:.3f} ms {tf:.0f}")
-        refs = {kk: vv for kk, vv in res["rows"].items() if kk.startswith("ref") or "old" in kk}
+        refs = {kk: vv for kk, vv in res["rows"].items() if kk.startswith("ref")}
         for kk, vv in refs.items():
             if "ms" in vv:
                 print(f"  {res['shape']} {kk}: {vv['ms']:.3f} ms {vv['tflops']:.0f}")

@@ -11,14 +11,21 @@ exit at once, and nothing waits on the host. Four kernels:
 
 - ``_ffn_up_kernel``: ``act(x[gather] @ w1[e]) (* x[gather] @ w3[e])``: the gather of token rows
   is fused into the A load and the activation (SwiGLU: two accumulators) into the epilogue; stores
-  the pre-activations (for backward), the activation, and the activation scaled by the row's
-  combine weight (the A operand of ``dW2``).
+  the pre-activations (for backward) and the activation.
 - ``_grouped_mm_kernel``: ``C[scatter] = A1 @ B1[e] (+ A2 @ B2[e])``: the down projection (scatter
-  of each row to its (token, choice) slot fused into the store) and dX of the up projection.
-- ``_act_bwd_kernel``: ``dh = s * dy[gather] @ w2[e]^T`` with the activation's backward in the
-  epilogue (the same kernel shape as the forward).
-- ``_wgrad_kernel``: ``dW[e] = A[gather]^T @ B[gather]`` over the rows of expert ``e``:
-  fp32 accumulation, one store per tile, no atomics (bitwise deterministic).
+  of each row to its (token, choice) slot fused into the store), ``dh = dys @ w2[e]^T`` and dX of
+  the up projection.
+- ``_act_bwd_rows_kernel``: the activation's backward (``dg``, ``du`` from ``dh``, ``g``, ``u``),
+  memory-bound. Fused into the ``dh`` GEMM's epilogue it ran at 370-390 TFLOP/s against 590 for
+  the GEMM plus this kernel (H200, T=16384, H=4096, F=14336, E=8): the epilogue's loads of ``g``
+  and ``u`` stall a program that holds a whole SM.
+- ``_wgrad_kernel``: ``dW[e] = A^T @ B`` over the rows of expert ``e``, both operands contiguous
+  expert-sorted rows: fp32 accumulation, one store per tile, no atomics (bitwise deterministic).
+- ``_gather_rows_kernel``: token rows into expert order (optionally times the combine weight), for
+  the backward's weight-gradient GEMMs. A gather inside their reduction loop cannot be
+  software-pipelined (its addresses depend on a load of the same step): 330-360 TFLOP/s against
+  480-520 on pre-gathered rows, for one extra pass over ``T k`` rows (0.16 ms at T k = 32768,
+  H = 4096).
 
 All row and expert offsets are int64 before they meet a stride.
 """
@@ -59,9 +66,9 @@ def pick_config(kind: str, n_cols: int, reduce_dim: int, rows_per_expert: float)
     count never recompiles a kernel.
 
     Args:
-        kind: ``"up"``, ``"mm"``, ``"act_bwd"`` or ``"wgrad"``.
+        kind: ``"up"``, ``"mm"``, ``"wgrad"`` (one accumulator) or ``"wgrad2"`` (two).
         n_cols: output columns.
-        reduce_dim: the GEMM's reduction length (rows of the expert for ``"wgrad"``).
+        reduce_dim: the GEMM's reduction length.
         rows_per_expert: average rows per expert.
     """
     if interpreter_enabled():
@@ -69,10 +76,10 @@ def pick_config(kind: str, n_cols: int, reduce_dim: int, rows_per_expert: float)
     block_m = 64 if rows_per_expert < 256 else 128
     if kind == "up":  # two accumulators (SwiGLU): 3 operand tiles per stage
         return GemmConfig(block_m, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=4)
-    if kind == "wgrad":  # n_cols >= 1024: 324 vs 294 TFLOP/s (F=14336); narrow: 338 vs 261 (F=256)
-        if n_cols >= 1024:
-            return GemmConfig(128, 128, 64, num_warps=8, num_stages=3)
-        return GemmConfig(128, 64, 64, num_warps=4, num_stages=4)
+    if kind == "wgrad":  # 392-495 TFLOP/s on the five benchmark shapes (tune_backward.py)
+        return GemmConfig(128, 256, 64, num_warps=8, num_stages=3)
+    if kind == "wgrad2":  # 476-555 on the last four shapes, 482 vs 502 for 128x128x64 s3 on the first
+        return GemmConfig(128, 128, 32, num_warps=8, num_stages=5)
     if kind == "mm" and n_cols >= 256:
         return GemmConfig(block_m, 256, 64, num_warps=8, num_stages=3)
     return GemmConfig(block_m, 128 if n_cols >= 128 else 64, 64, num_warps=8, num_stages=4)
@@ -124,9 +131,9 @@ def _mm_loop(a_ptr, b_ptr, a_offs, b_offs, acc, R, row_mask, n_mask, offs_k, str
 
 @triton.jit
 def _ffn_up_kernel(
-    x_ptr, row_pair_ptr, scale_ptr, w1_ptr, w3_ptr, g_ptr, u_ptr, h_ptr, hs_ptr, counts_ptr,
+    x_ptr, row_pair_ptr, w1_ptr, w3_ptr, g_ptr, u_ptr, h_ptr, counts_ptr,
     E, R, N, TOP_K, num_pid_m, stride_x, stride_we, stride_wk, stride_out,
-    GATHER: tl.constexpr, SCALED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -179,11 +186,6 @@ def _ffn_up_kernel(
     if ACT == 0:
         tl.store(u_ptr + out_offs, acc3.to(dtype), mask=out_mask)
     tl.store(h_ptr + out_offs, h.to(dtype), mask=out_mask)
-    if SCALED:
-        # h times the row's combine weight: the A operand of dW2 = (s h)^T @ dy, so the weight
-        # gradient's main loop streams both operands straight from memory.
-        s = tl.load(scale_ptr + pair, mask=row_mask, other=0.0)
-        tl.store(hs_ptr + out_offs, (h * s[:, None]).to(dtype), mask=out_mask)
 
 
 @triton.jit
@@ -219,55 +221,6 @@ def _grouped_mm_kernel(
         dst = rows
     c_ptrs = c_ptr + dst.to(tl.int64)[:, None] * stride_c + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-
-
-@triton.jit
-def _act_bwd_kernel(
-    d_ptr, row_pair_ptr, scale_ptr, w_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, counts_ptr,
-    E, R, N, TOP_K, num_pid_m, stride_d, stride_we, stride_wk, stride_wn, stride_act,
-    GATHER: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, PRELOAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, row0, row_end = _expert_tile(pid_m, counts_ptr, E, BLOCK_M, BLOCK_E)
-    if e >= E:
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
-    if GATHER:
-        pair = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
-        src = pair // TOP_K
-    else:
-        src = rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    act_offs = rows.to(tl.int64)[:, None] * stride_act + offs_n[None, :]
-    mask = row_mask[:, None] & n_mask[None, :]
-    if PRELOAD:
-        # The epilogue's operands requested before the main loop, so their latency hides behind it.
-        g, u = _load_act(g_ptr, u_ptr, act_offs, mask, ACT)
-    a_ptrs = d_ptr + src.to(tl.int64)[:, None] * stride_d + offs_k[None, :]
-    w_offs = e.to(tl.int64) * stride_we + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            b = tl.load(w_ptr + w_offs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k + k0 < R
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        w_offs += BLOCK_K * stride_wk
-    if GATHER:
-        # The combine weight of each row scales its whole output gradient (fp32, exact).
-        acc = acc * tl.load(scale_ptr + pair, mask=row_mask, other=0.0)[:, None]
-    if not PRELOAD:
-        g, u = _load_act(g_ptr, u_ptr, act_offs, mask, ACT)
-    _act_bwd_store(acc, g, u, dg_ptr, du_ptr, act_offs, mask, ACT)
 
 
 @triton.jit
@@ -320,10 +273,9 @@ def _act_bwd_rows_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, row_pair_ptr, counts_ptr,
-    E, M, N, TOP_K, stride_a, stride_b, stride_ce, stride_cm,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, NEED_PAIR: tl.constexpr, DUAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    a_ptr, b1_ptr, b2_ptr, c1_ptr, c2_ptr, counts_ptr,
+    E, M, N, stride_a, stride_b, stride_ce, stride_cm,
+    DUAL: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -344,29 +296,20 @@ def _wgrad_kernel(
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if DUAL:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Both operands are contiguous expert-sorted rows (a gathered operand here could not be
+    # software-pipelined: its addresses would depend on a load in the same loop step).
+    a_ptrs = a_ptr + (row_start + offs_k).to(tl.int64)[:, None] * stride_a + offs_m[None, :]
+    b_offs = (row_start + offs_k).to(tl.int64)[:, None] * stride_b + offs_n[None, :]
     for r0 in range(row_start, row_end, BLOCK_K):
-        rows = r0 + offs_k
-        r_mask = rows < row_end
-        if NEED_PAIR:
-            pair = tl.load(row_pair_ptr + rows, mask=r_mask, other=0)
-        src_a = rows
-        if GATHER_A:
-            src_a = pair // TOP_K
-        src_b = rows
-        if GATHER_B:
-            src_b = pair // TOP_K
-        a = tl.load(
-            a_ptr + src_a.to(tl.int64)[:, None] * stride_a + offs_m[None, :],
-            mask=r_mask[:, None] & m_mask[None, :],
-            other=0.0,
-        )
-        a_t = tl.trans(a)
-        b_offs = src_b.to(tl.int64)[:, None] * stride_b + offs_n[None, :]
+        r_mask = r0 + offs_k < row_end
+        a = tl.load(a_ptrs, mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         b = tl.load(b1_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc1 = tl.dot(a_t, b, acc1, input_precision=PRECISION)
+        acc1 = tl.dot(tl.trans(a), b, acc1, input_precision=PRECISION)
         if DUAL:
             b = tl.load(b2_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc2 = tl.dot(a_t, b, acc2, input_precision=PRECISION)
+            acc2 = tl.dot(tl.trans(a), b, acc2, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_a
+        b_offs += BLOCK_K * stride_b
     c_offs = e.to(tl.int64) * stride_ce + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     tl.store(c1_ptr + c_offs, acc1.to(c1_ptr.dtype.element_ty), mask=mask)
@@ -415,10 +358,9 @@ def _row_tiles(max_rows: int, E: int, block_m: int) -> int:
 
 def ffn_up(
     x: Tensor, row_pair: Tensor | None, top_k: int, w1_EHF: Tensor, w3_EHF: Tensor | None,
-    counts_E: Tensor, max_rows: int, activation: str, scale: Tensor | None = None,
-    config: GemmConfig | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:  # fmt: skip
-    """Up projection with the activation fused: ``(g, u, h, hs)`` rows in expert-sorted order.
+    counts_E: Tensor, max_rows: int, activation: str, config: GemmConfig | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:  # fmt: skip
+    """Up projection with the activation fused: ``(g, u, h)`` rows in expert-sorted order.
 
     Args:
         x: ``[T, H]`` tokens (``row_pair`` given: row ``r`` reads token ``row_pair[r] // top_k``) or
@@ -430,35 +372,29 @@ def ffn_up(
         counts_E: ``[E]`` int32 rows per expert.
         max_rows: an upper bound on ``N`` (the allocation; only the first ``N`` rows are written).
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
-        scale: optional ``[T * K]`` float32 combine weight of each pair (with ``row_pair``): also
-            store ``hs = h * scale[pair]``.
         config: tile configuration (default: :func:`pick_config`).
 
     Returns:
-        ``g_NF`` (``x @ w1``), ``u_NF`` (``x @ w3``, SwiGLU only), ``h_NF`` (the activation) and
-        ``hs_NF`` (``h`` scaled by the combine weight, if ``scale`` is given).
+        ``g_NF`` (``x @ w1``), ``u_NF`` (``x @ w3``, SwiGLU only) and ``h_NF`` (the activation).
     """
     E, H, F = w1_EHF.shape
     cfg = config or pick_config("up", F, H, max_rows / max(E, 1))
     g = x.new_empty(max_rows, F)
     h = torch.empty_like(g)
     u = torch.empty_like(g) if w3_EHF is not None else None
-    scaled = scale is not None and row_pair is not None
-    hs = torch.empty_like(g) if scaled else None
     num_pid_m = _row_tiles(max_rows, E, cfg.block_m)
     grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
     if grid[0] == 0:
-        return g, u, h, hs
+        return g, u, h
     _ffn_up_kernel[grid](
-        x, row_pair if row_pair is not None else counts_E, scale if scaled else g,
-        w1_EHF, w3_EHF if w3_EHF is not None else w1_EHF,
-        g, u if u is not None else g, h, hs if scaled else h, counts_E,
+        x, row_pair if row_pair is not None else counts_E,
+        w1_EHF, w3_EHF if w3_EHF is not None else w1_EHF, g, u if u is not None else g, h, counts_E,
         E, H, F, top_k, num_pid_m, x.stride(0), w1_EHF.stride(0), w1_EHF.stride(1), g.stride(0),
-        GATHER=row_pair is not None, SCALED=scaled, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
+        GATHER=row_pair is not None, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
         PRECISION=_precision(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return g, u, h, hs
+    return g, u, h
 
 
 def grouped_mm(
@@ -501,79 +437,52 @@ def grouped_mm(
 
 
 def act_bwd(
-    dy: Tensor, row_pair: Tensor | None, scale: Tensor | None, top_k: int, w2t_EHF: Tensor,
-    g: Tensor, u: Tensor | None, counts_E: Tensor, activation: str, config: GemmConfig | None = None,
-    mode: str = "fused",
+    dys: Tensor, w2t_EHF: Tensor, g: Tensor, u: Tensor | None, counts_E: Tensor, activation: str,
+    config: GemmConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """Gradients of the up projection's outputs: ``dh = s * dy[gather] @ w2[e]^T`` through the activation.
+    """Gradients of the up projection's outputs: ``dh = dys @ w2[e]^T`` through the activation.
+
+    A grouped GEMM stores ``dh``, then a memory-bound kernel applies the activation's backward
+    (measured faster than the same in the GEMM's epilogue; see the module docstring).
 
     Args:
-        dy: ``[T, H]`` output gradient (gathered through ``row_pair``) or ``[N, H]`` rows.
-        row_pair: ``[>= N]`` int32 pair of each row, or None.
-        scale: ``[T * K]`` float32 combine weight of each pair (with ``row_pair``).
-        top_k: K.
-        w2t_EHF: ``[E, H, F]``, the down-projection weight transposed per expert (any strides;
-            contiguous reads fastest).
+        dys: ``[>= N, H]`` output gradient of each expert-sorted row (times its combine weight).
+        w2t_EHF: ``[E, H, F]``, the down-projection weight transposed per expert (any strides).
         g: ``[>= N, F]`` saved ``x @ w1``.
         u: ``[>= N, F]`` saved ``x @ w3`` (SwiGLU) or None.
         counts_E: ``[E]`` int32 rows per expert.
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
-        config: tile configuration.
-        mode: ``"fused"`` (the activation's backward in the GEMM's epilogue), ``"preload"`` (the
-            same, its operands loaded before the main loop) or ``"split"`` (the GEMM stores ``dh``
-            and a memory-bound kernel applies the activation's backward; no gather).
+        config: tile configuration of the GEMM.
 
     Returns:
         ``dg`` and ``du`` (None unless SwiGLU), shaped like ``g``.
     """
-    E, H, F = w2t_EHF.shape
+    E, F = w2t_EHF.shape[0], w2t_EHF.shape[2]
     max_rows = g.shape[0]
     dg = torch.empty_like(g)
     du = torch.empty_like(g) if u is not None else None
-    if mode == "split":
-        if row_pair is not None:
-            raise ValueError("act_bwd(mode='split') takes pre-gathered rows (row_pair=None)")
-        dh = grouped_mm(dy, w2t_EHF, counts_E, torch.empty_like(g), config=config)
-        block_r, block_n = (16, 16) if interpreter_enabled() else (32, 128)
-        grid2 = (triton.cdiv(max_rows, block_r), triton.cdiv(F, block_n))
-        if grid2[0] > 0:
-            _act_bwd_rows_kernel[grid2](
-                dh, g, u if u is not None else g, dg, du if du is not None else dg, counts_E, E, F, g.stride(0),
-                ACT=ACT_IDS[activation], BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_E=_block_e(E), num_warps=4,
-            )  # fmt: skip
-        return dg, du
-    cfg = config or pick_config("act_bwd", F, H, max_rows / max(E, 1))
-    num_pid_m = _row_tiles(max_rows, E, cfg.block_m)
-    grid = (num_pid_m * triton.cdiv(F, cfg.block_n),)
-    if grid[0] == 0:
-        return dg, du
-    _act_bwd_kernel[grid](
-        dy, row_pair if row_pair is not None else counts_E, scale if scale is not None else g,
-        w2t_EHF, g, u if u is not None else g, dg, du if du is not None else dg, counts_E,
-        E, H, F, top_k, num_pid_m, dy.stride(0), w2t_EHF.stride(0), w2t_EHF.stride(1), w2t_EHF.stride(2), g.stride(0),
-        GATHER=row_pair is not None, ACT=ACT_IDS[activation], EVEN_K=H % cfg.block_k == 0,
-        PRECISION=_precision(dy.dtype), PRELOAD=mode == "preload", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+    dh = grouped_mm(dys, w2t_EHF, counts_E, torch.empty_like(g), config=config)
+    block_r, block_n = (16, 16) if interpreter_enabled() else (32, 128)
+    grid = (triton.cdiv(max_rows, block_r), triton.cdiv(F, block_n))
+    if grid[0] > 0:
+        _act_bwd_rows_kernel[grid](
+            dh, g, u if u is not None else g, dg, du if du is not None else dg, counts_E, E, F, g.stride(0),
+            ACT=ACT_IDS[activation], BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_E=_block_e(E), num_warps=4,
+        )  # fmt: skip
     return dg, du
 
 
 def wgrad(
-    a: Tensor, b1: Tensor, counts_E: Tensor, out_dtype: torch.dtype, row_pair: Tensor | None = None,
-    top_k: int = 1, gather_a: bool = False, gather_b: bool = False, b2: Tensor | None = None,
+    a: Tensor, b1: Tensor, counts_E: Tensor, out_dtype: torch.dtype, b2: Tensor | None = None,
     config: GemmConfig | None = None,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Per-expert weight gradient ``dW[e] = A_e^T @ B_e`` over the rows of expert ``e``.
 
     Args:
-        a: ``[*, M]`` A rows (token rows if ``gather_a``, else expert-sorted rows).
-        b1: ``[*, N]`` B rows (token rows if ``gather_b``, else expert-sorted rows).
+        a: ``[>= N, M]`` expert-sorted rows.
+        b1: ``[>= N, N]`` expert-sorted rows.
         counts_E: ``[E]`` int32 rows per expert.
         out_dtype: dtype of the result (the parameter's dtype; accumulation is float32).
-        row_pair: ``[>= N]`` int32 pair of each row (needed by a gather).
-        top_k: K.
-        gather_a: read A through ``row_pair // top_k``.
-        gather_b: read B through ``row_pair // top_k``.
         b2: optional second B sharing A (``dW1`` and ``dW3`` in one pass over ``x``).
         config: tile configuration.
 
@@ -582,16 +491,15 @@ def wgrad(
     """
     E = counts_E.shape[0]
     M, N = a.shape[1], b1.shape[1]
-    cfg = config or pick_config("wgrad", N, 0, 0)
+    cfg = config or pick_config("wgrad" if b2 is None else "wgrad2", N, 0, 0)
     c1 = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
     c2 = torch.empty_like(c1) if b2 is not None else None
     grid = (E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     _wgrad_kernel[grid](
-        a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1,
-        row_pair if row_pair is not None else counts_E, counts_E,
-        E, M, N, top_k, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
-        GATHER_A=gather_a, GATHER_B=gather_b, NEED_PAIR=gather_a or gather_b, DUAL=b2 is not None,
-        PRECISION=_precision(a.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        a, b1, b2 if b2 is not None else b1, c1, c2 if c2 is not None else c1, counts_E,
+        E, M, N, a.stride(0), b1.stride(0), c1.stride(0), c1.stride(1),
+        DUAL=b2 is not None, PRECISION=_precision(a.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m, BLOCK_E=_block_e(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return c1, c2

@@ -5,9 +5,10 @@ N rows in expert-sorted order (``row_pair[r]`` is the slot of row ``r``), R rece
 
 ``moe_experts`` (one process, every expert local): gather token rows in the up projection's A
 load, scatter each output row to its slot in the down projection's store, and a deterministic
-weighted combine over the K slots. Backward: ``dw`` from the slots, ``dh`` with the combine weight
-and the activation's backward fused, ``dW2``/``dW1``/``dW3`` as per-expert grouped GEMMs (fp32
-accumulation, one store), ``dx`` through the same scatter + combine.
+weighted combine over the K slots. Backward: ``dw`` from the slots; the output gradient's rows
+(times the combine weight) and the token rows gathered once into expert order; ``dh`` as a
+grouped GEMM followed by the activation's backward; ``dW2``/``dW1``/``dW3`` as per-expert grouped
+GEMMs over contiguous rows (fp32 accumulation, one store); ``dx`` through the same scatter + combine.
 
 ``grouped_ffn`` (expert parallelism): the same kernels on rows that the dispatcher's all-to-all
 already brought into expert-contiguous order (no gather, no scatter).
@@ -44,7 +45,7 @@ class _MoEExperts(torch.autograd.Function):
         x_TH = x_TH.contiguous()
         weights_P = weights_TK.float().contiguous().view(-1)
         w1, w3, w2 = (_cast(w, x_TH.dtype) for w in (w1_EHF, w3_EHF, w2_EFH))
-        g_NF, u_NF, h_NF, _ = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation)
+        g_NF, u_NF, h_NF = ffn_up(x_TH, row_pair_P, K, w1, w3, counts_E, P, activation)
         slots_PH = x_TH.new_empty(P, H)
         if P > 0:
             grouped_mm(h_NF, w2, counts_E, slots_PH, row_pair=row_pair_P)
@@ -66,7 +67,7 @@ class _MoEExperts(torch.autograd.Function):
         # software-pipelined (the gathered operand would wait on memory every step), so the token
         # rows are gathered once into expert order here (one pass over T k rows).
         dys_NH = gather_rows(dy_TH, row_pair_P, K, counts_E, P, scale=weights_P)  # w * dy[token]
-        dg_NF, du_NF = act_bwd(dys_NH, None, None, 1, _t(w2), g_NF, u_NF, counts_E, ctx.activation)
+        dg_NF, du_NF = act_bwd(dys_NH, _t(w2), g_NF, u_NF, counts_E, ctx.activation)
         dw2, _ = wgrad(h_NF, dys_NH, counts_E, dtype2)
         del dys_NH
         dx_slots_PH = x_TH.new_empty(P, H)
@@ -88,7 +89,7 @@ class _GroupedFFN(torch.autograd.Function):
         R, H = rows_RH.shape
         rows_RH = rows_RH.contiguous()
         w1, w3, w2 = (_cast(w, rows_RH.dtype) for w in (w1_EHF, w3_EHF, w2_EFH))
-        g_RF, u_RF, h_RF, _ = ffn_up(rows_RH, None, 1, w1, w3, counts_E, R, activation)
+        g_RF, u_RF, h_RF = ffn_up(rows_RH, None, 1, w1, w3, counts_E, R, activation)
         out_RH = rows_RH.new_empty(R, H)
         if R > 0:
             grouped_mm(h_RF, w2, counts_E, out_RH)
@@ -103,7 +104,7 @@ class _GroupedFFN(torch.autograd.Function):
         R, H = rows_RH.shape
         dout_RH = dout_RH.to(rows_RH.dtype).contiguous()
         dtype1, dtype3, dtype2 = ctx.param_dtypes
-        dg_RF, du_RF = act_bwd(dout_RH, None, None, 1, _t(w2), g_RF, u_RF, counts_E, ctx.activation)
+        dg_RF, du_RF = act_bwd(dout_RH, _t(w2), g_RF, u_RF, counts_E, ctx.activation)
         dw2, _ = wgrad(h_RF, dout_RH, counts_E, dtype2)
         dx_RH = rows_RH.new_empty(R, H)
         if R > 0:
