@@ -118,6 +118,29 @@ def test_router_half_precision_split():
 
 
 @kernel_test
+def test_rts_permutation_is_a_uniform_permutation():
+    from lightning_moe.kernels.router import rts_permutation
+
+    for T in (1, 2, 3, 17, 64, 100, 1000, 4097):  # the Feistel domain is 4^h >= T; cycle-walk the rest
+        p = rts_permutation(T, tuple(torch.randint(0, 2**31 - 1, (4,)).tolist()))
+        assert torch.equal(p.sort().values, torch.arange(T)), T
+    # Over random keys, every token is equally likely at every priority: the mean priority of each
+    # token is (T - 1) / 2 = 31.5, standard deviation 18.5 / sqrt(400) = 0.92 per token (token
+    # order would give means 0..63).
+    T, rounds = 64, 400
+    pos = torch.zeros(T)
+    first_before_second = 0
+    for _ in range(rounds):
+        p = rts_permutation(T, tuple(torch.randint(0, 2**31 - 1, (4,)).tolist()))
+        inv = torch.empty_like(p)
+        inv[p] = torch.arange(T)
+        pos += inv
+        first_before_second += int(inv[0] < inv[1])
+    assert (pos / rounds - 31.5).abs().max() < 4.5
+    assert abs(first_before_second / rounds - 0.5) < 0.1  # 4 sigma
+
+
+@kernel_test
 def test_router_random_token_selection():
     from lightning_moe.kernels.router import fused_route
 

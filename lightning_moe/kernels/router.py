@@ -43,8 +43,54 @@ from lightning_moe.moe.router import RoutingResult, compute_capacity
 
 
 @triton.jit
+def _mix(v, key):
+    """A 32-bit integer hash of ``v ^ key`` (the Feistel round function)."""
+    v = (v ^ key).to(tl.uint32)
+    v = ((v >> 16) ^ v) * 0x45D9F3B
+    v = ((v >> 16) ^ v) * 0x45D9F3B
+    return (v >> 16) ^ v
+
+
+@triton.jit
+def _feistel(x, k0, k1, k2, k3, half_bits):
+    """A keyed bijection of ``[0, 2^(2 half_bits))`` (uint32 ``x``): four Feistel rounds."""
+    half_bits = half_bits.to(tl.uint32)
+    mask = (tl.full((), 1, tl.uint32) << half_bits) - 1
+    left = (x >> half_bits) & mask
+    right = x & mask
+    left, right = right, left ^ (_mix(right, k0) & mask)
+    left, right = right, left ^ (_mix(right, k1) & mask)
+    left, right = right, left ^ (_mix(right, k2) & mask)
+    left, right = right, left ^ (_mix(right, k3) & mask)
+    return (left << half_bits) | right
+
+
+@triton.jit
+def _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits):
+    """Token at priority position ``p`` under Random Token Selection.
+
+    A keyed pseudo-random permutation of ``[0, T)`` (Feistel network on ``2^(2 half_bits) >= T``
+    values, cycle-walked back into range), computed in place: no permutation is drawn or stored.
+    """
+    x = _feistel(offs_p.to(tl.uint32), k0, k1, k2, k3, half_bits)
+    out = (x >= T) & p_mask
+    while tl.max(out.to(tl.int32), axis=0) > 0:
+        x = tl.where(out, _feistel(x, k0, k1, k2, k3, half_bits), x)
+        out = (x >= T) & p_mask
+    return tl.where(p_mask, x, 0).to(tl.int64)
+
+
+@triton.jit
+def _permutation_kernel(out_ptr, T, k0, k1, k2, k3, half_bits, BLOCK: tl.constexpr):
+    offs_p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    p_mask = offs_p < T
+    tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
+    tl.store(out_ptr + offs_p, tok, mask=p_mask)
+
+
+@triton.jit
 def _logits_kernel(
-    x_ptr, w_hi_ptr, w_lo_ptr, out_ptr, T, H, E, stride_x, stride_w,
+    x_ptr, w_ptr, out_ptr, T, H, E, stride_x, stride_w,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
@@ -59,20 +105,22 @@ def _logits_kernel(
     for h0 in range(0, H, BLOCK_H):
         h_mask = offs_h + h0 < H
         a = tl.load(x_ptrs + h0, mask=t_mask[:, None] & h_mask[None, :], other=0.0)
-        b_mask = h_mask[:, None] & e_mask[None, :]
-        b = tl.load(w_hi_ptr + w_offs + h0, mask=b_mask, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        b = tl.load(w_ptr + w_offs + h0, mask=h_mask[:, None] & e_mask[None, :], other=0.0)
         if SPLIT:
-            b = tl.load(w_lo_ptr + w_offs + h0, mask=b_mask, other=0.0)
-            acc = tl.dot(a, b, acc)
+            # The float32 weight as two halves of x's dtype: W = W_hi + W_lo to about 2^-16.
+            b_hi = b.to(a.dtype)
+            acc = tl.dot(a, b_hi, acc)
+            acc = tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     out_ptrs = out_ptr + offs_t.to(tl.int64)[:, None] * E + offs_e[None, :]
     tl.store(out_ptrs, acc, mask=t_mask[:, None] & e_mask[None, :])
 
 
 @triton.jit
 def _gate_kernel(
-    logits_ptr, valid_ptr, perm_ptr, probs_ptr, lse_ptr, idx_ptr, topp_ptr, rank_ptr,
-    hist_ptr, psum_ptr, stats_ptr, T, E,
+    logits_ptr, valid_ptr, probs_ptr, lse_ptr, idx_ptr, topp_ptr, rank_ptr,
+    hist_ptr, psum_ptr, stats_ptr, T, E, k0, k1, k2, k3, half_bits,
     K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -80,10 +128,9 @@ def _gate_kernel(
     offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = offs_p < T
     if HAS_PERM:
-        tok = tl.load(perm_ptr + offs_p, mask=p_mask, other=0)
+        tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
     else:
-        tok = offs_p
-    tok = tok.to(tl.int64)
+        tok = offs_p.to(tl.int64)
     valid = p_mask
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
@@ -143,20 +190,18 @@ def _scan_kernel(
 
 @triton.jit
 def _assign_kernel(
-    perm_ptr, valid_ptr, idx_ptr, topp_ptr, rank_ptr, offsets_ptr, kept_e_ptr, counts_ptr, psum_ptr,
+    valid_ptr, idx_ptr, topp_ptr, rank_ptr, offsets_ptr, kept_e_ptr, counts_ptr, psum_ptr,
     stats_ptr, kept_ptr, weights_ptr, row_pair_ptr, losses_ptr,
-    T, E, B, capacity, aux_scale, num_tokens, eps,
-    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, RENORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    T, E, B, capacity, aux_scale, num_tokens, eps, k0, k1, k2, k3, half_bits,
+    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
     p_mask = offs_p < T
     if HAS_PERM:
-        tok = tl.load(perm_ptr + offs_p, mask=p_mask, other=0)
+        tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
     else:
-        tok = offs_p
-    tok = tok.to(tl.int64)
+        tok = offs_p.to(tl.int64)
     valid = p_mask
     if HAS_VALID:
         valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
@@ -249,7 +294,7 @@ def _router_bwd_kernel(
 
 @triton.jit
 def _router_dx_kernel(
-    dl_ptr, w_hi_ptr, w_lo_ptr, dx_ptr, T, H, E, stride_dx,
+    dl_ptr, w_ptr, dx_ptr, T, H, E, stride_dx,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -269,15 +314,17 @@ def _router_dx_kernel(
         )
         w_offs = (offs_e + e0).to(tl.int64)[:, None] * H + offs_h[None, :]
         w_mask = e_mask[:, None] & h_mask[None, :]
-        b_hi = tl.load(w_hi_ptr + w_offs, mask=w_mask, other=0.0)
+        b = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
         if SPLIT:
+            b_hi = b.to(dx_ptr.dtype.element_ty)
+            b_lo = (b - b_hi.to(tl.float32)).to(b_hi.dtype)
             a_hi = a.to(b_hi.dtype)
             a_lo = (a - a_hi.to(tl.float32)).to(b_hi.dtype)
             acc = tl.dot(a_hi, b_hi, acc)
             acc = tl.dot(a_lo, b_hi, acc)
-            acc = tl.dot(a_hi, tl.load(w_lo_ptr + w_offs, mask=w_mask, other=0.0), acc)
+            acc = tl.dot(a_hi, b_lo, acc)
         else:
-            acc = tl.dot(a, b_hi, acc, input_precision=PRECISION)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     dx_ptrs = dx_ptr + offs_t.to(tl.int64)[:, None] * stride_dx + offs_h[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=t_mask[:, None] & h_mask[None, :])
 
@@ -332,6 +379,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _half_bits(T: int) -> int:
+    """Half the bits of the Feistel domain ``2^(2h) >= T`` (h >= 2, a run-time argument: no recompiles)."""
+    return max(2, ((max(T, 2) - 1).bit_length() + 1) // 2)
+
+
 def _gate_block(T: int) -> int:
     """Tokens per gate/assign block: small for parallelism, large enough to bound the scan tile."""
     block = 32
@@ -344,27 +396,23 @@ class _FusedRouter(torch.autograd.Function):
     """Differentiable outputs: ``weights_TK`` and ``losses_4`` (aux, z, entropy sum, tokens)."""
 
     @staticmethod
-    def forward(ctx, x_TH, weight_EH, valid_T, perm_T, top_k, capacity, num_tokens):  # type: ignore[override]
+    def forward(ctx, x_TH, weight_EH, valid_T, rts_keys, top_k, capacity, num_tokens):  # type: ignore[override]
         T, H = x_TH.shape
         E, K = weight_EH.shape[0], top_k
         device = x_TH.device
         interpret = interpreter_enabled()
         x_TH = x_TH.contiguous()
-        # Logits in float32: split the float32 gate weight into two halves of x's dtype.
-        if x_TH.dtype == torch.float32:
-            w_hi, w_lo, split = weight_EH.float().contiguous(), None, False
-            precision = "ieee" if interpret else "tf32x3"
-        else:
-            w32 = weight_EH.float()
-            w_hi = w32.to(x_TH.dtype)
-            w_lo = (w32 - w_hi.float()).to(x_TH.dtype)
-            split, precision = True, "tf32"
+        # Logits in float32. A 16-bit x: the kernel splits the float32 weight into two halves of
+        # x's dtype; a float32 x (router jitter) takes a float32 product.
+        w32 = weight_EH.float().contiguous()
+        split = x_TH.dtype != torch.float32
+        precision = "tf32" if split else ("ieee" if interpret else "tf32x3")
         logits_TE = torch.empty(T, E, device=device, dtype=torch.float32)
         block_e = min(128, max(16, _next_pow2(E)))
         block_t = 16 if interpret else 64
         block_h = 16 if interpret else 64
         _logits_kernel[(triton.cdiv(T, block_t), triton.cdiv(E, block_e))](
-            x_TH, w_hi, w_lo if split else w_hi, logits_TE, T, H, E, x_TH.stride(0), w_hi.stride(0),
+            x_TH, w32, logits_TE, T, H, E, x_TH.stride(0), w32.stride(0),
             SPLIT=split, PRECISION=precision, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_H=block_h,
             num_warps=4, num_stages=3,
         )  # fmt: skip
@@ -372,30 +420,30 @@ class _FusedRouter(torch.autograd.Function):
         block_t = _gate_block(T)
         B = triton.cdiv(T, block_t)
         block_e = max(2, _next_pow2(E))
-        i32 = dict(device=device, dtype=torch.int32)
         f32 = dict(device=device, dtype=torch.float32)
         probs_TE = torch.empty(T, E, **f32)
         lse_T = torch.empty(T, **f32)
         idx_TK = torch.empty(T, K, device=device, dtype=torch.int64)
         topp_TK = torch.empty(T, K, **f32)
-        rank_TK = torch.empty(T, K, **i32)
-        hist_BKE = torch.empty(B, K, E, **i32)
-        psum_BE = torch.empty(B, E, **f32)
-        stats_B2 = torch.empty(B, 2, **f32)
-        has_valid, has_perm = valid_T is not None, perm_T is not None
+        # Scratch in two allocations: ranks, block histograms and their offsets (int32); partial
+        # sums (float32).
+        i32_ws = torch.empty(T * K + 2 * B * K * E + E, device=device, dtype=torch.int32)
+        rank_TK, hist_BKE, offsets_BKE, kept_E = torch.split(i32_ws, [T * K, B * K * E, B * K * E, E])
+        f32_ws = torch.empty(B * E + 2 * B + E, **f32)
+        psum_BE, stats_B2, psum_E = torch.split(f32_ws, [B * E, 2 * B, E])
+        has_valid, has_perm = valid_T is not None, rts_keys is not None
+        keys = rts_keys if has_perm else (0, 0, 0, 0)
+        half_bits = _half_bits(T)
         valid_arg = valid_T if has_valid else lse_T
-        perm_arg = perm_T if has_perm else lse_T
         gate_warps = 4 if block_e <= 128 else 8
         _gate_kernel[(B,)](
-            logits_TE, valid_arg, perm_arg, probs_TE, lse_T, idx_TK, topp_TK, rank_TK,
-            hist_BKE, psum_BE, stats_B2, T, E,
-            K=K, HAS_VALID=has_valid, HAS_PERM=has_perm, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=gate_warps,
+            logits_TE, valid_arg, probs_TE, lse_T, idx_TK, topp_TK, rank_TK,
+            hist_BKE, psum_BE, stats_B2, T, E, *keys, half_bits,
+            K=K, HAS_VALID=has_valid, HAS_PERM=has_perm,
+            BLOCK_T=block_t, BLOCK_E=block_e, num_warps=gate_warps,
         )  # fmt: skip
 
-        offsets_BKE = torch.empty_like(hist_BKE)
         counts_E = torch.empty(E, **f32)
-        kept_E = torch.empty(E, **i32)
-        psum_E = torch.empty(E, **f32)
         block_b = max(2, _next_pow2(B))
         scan_e = max(1, min(_next_pow2(E), 8192 // block_b))
         cap = T * K + 1 if capacity is None else capacity
@@ -406,21 +454,21 @@ class _FusedRouter(torch.autograd.Function):
 
         kept_TK = torch.empty(T, K, device=device, dtype=torch.int8)
         weights_TK = torch.empty(T, K, **f32)
-        row_pair = torch.empty(T * K, **i32)
+        row_pair = torch.empty(T * K, device=device, dtype=torch.int32)
         losses_4 = torch.empty(4, **f32)
         denom = max(float(num_tokens), 1.0)
         aux_scale = E / (denom * denom * K)
         eps = torch.finfo(torch.float32).eps
         _assign_kernel[(B,)](
-            perm_arg, valid_arg, idx_TK, topp_TK, rank_TK, offsets_BKE, kept_E, counts_E, psum_E,
+            valid_arg, idx_TK, topp_TK, rank_TK, offsets_BKE, kept_E, counts_E, psum_E,
             stats_B2, kept_TK, weights_TK, row_pair, losses_4,
-            T, E, B, cap, aux_scale, float(num_tokens), eps,
+            T, E, B, cap, aux_scale, float(num_tokens), eps, *keys, half_bits,
             K=K, HAS_VALID=has_valid, HAS_PERM=has_perm, RENORM=K > 1,
             BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_B=block_b, num_warps=gate_warps,
         )  # fmt: skip
         kept_TK = kept_TK.view(torch.bool)
         ctx.save_for_backward(
-            x_TH, weight_EH, w_hi, w_lo, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E
+            x_TH, weight_EH, w32, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E
         )
         ctx.consts = (aux_scale, 2.0 / denom, eps, K, split, precision)
         ctx.mark_non_differentiable(probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair)
@@ -429,7 +477,7 @@ class _FusedRouter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dweights_TK, dlosses_4, *_):  # type: ignore[override]
         saved = ctx.saved_tensors
-        x_TH, weight_EH, w_hi, w_lo, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E = saved
+        x_TH, weight_EH, w32, valid_T, probs_TE, lse_T, idx_TK, topp_TK, kept_TK, weights_TK, counts_E = saved
         aux_scale, z_scale, eps, K, split, precision = ctx.consts
         T, E = probs_TE.shape
         if dlosses_4 is None:
@@ -453,7 +501,7 @@ class _FusedRouter(torch.autograd.Function):
             dx = torch.empty_like(x_TH)
             block_t, block_h = (16, 16) if interpret else (64, 128)
             _router_dx_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-                dlogits_TE, w_hi, w_lo if split else w_hi, dx, T, H, E, dx.stride(0),
+                dlogits_TE, w32, dx, T, H, E, dx.stride(0),
                 SPLIT=split, PRECISION=precision, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_E=block_e,
                 num_warps=4, num_stages=3,
             )  # fmt: skip
@@ -503,13 +551,15 @@ def fused_route(
     capacity = None
     if capacity_factor is not None:
         capacity = compute_capacity(num_tokens, E, top_k, capacity_factor, min_capacity)
-    perm_T = None
+    rts_keys = None
     if random_priority and capacity is not None:
-        perm_T = torch.randperm(T, device=x_TH.device)
+        # Keys of the in-kernel pseudo-random token permutation, from torch's CPU generator (so
+        # torch.manual_seed reproduces them): no device permutation is drawn.
+        rts_keys = tuple(torch.randint(0, 2**31 - 1, (4,)).tolist())
     if jitter > 0:
         x_TH = x_TH.float() * torch.empty(x_TH.shape, device=x_TH.device).uniform_(1.0 - jitter, 1.0 + jitter)
     weights_TK, losses_4, probs_TE, idx_TK, kept_TK, counts_E, kept_E, row_pair = _FusedRouter.apply(
-        x_TH, weight_EH, valid_T, perm_T, top_k, capacity, num_tokens
+        x_TH, weight_EH, valid_T, rts_keys, top_k, capacity, num_tokens
     )
     return TritonRoutingResult(
         expert_indices=idx_TK,
@@ -525,3 +575,26 @@ def fused_route(
         row_pair=row_pair,
         kept_per_expert=kept_E,
     )
+
+
+def rts_permutation(T: int, keys: tuple[int, int, int, int], device: torch.device | str = "cpu") -> Tensor:
+    """The token order Random Token Selection uses for ``keys``: ``out[p]`` is the token at priority ``p``.
+
+    The router kernels compute the same permutation in place (a four-round Feistel network keyed
+    by ``keys``, cycle-walked into ``[0, T)``); this materialises it, for inspection and tests.
+
+    Args:
+        T: number of tokens.
+        keys: four integers in ``[0, 2^31)``.
+        device: where to compute it.
+
+    Returns:
+        ``[T]`` int64 permutation of ``range(T)``.
+    """
+    out = torch.empty(T, device=device, dtype=torch.int64)
+    if T == 0:
+        return out
+    block = 64 if interpreter_enabled() else 1024
+    half_bits = _half_bits(T)
+    _permutation_kernel[(triton.cdiv(T, block),)](out, T, *keys, half_bits, BLOCK=block)
+    return out
