@@ -257,17 +257,30 @@ def profile_router(results):
         host = (time.perf_counter() - t0) / 50
         torch.cuda.synchronize()
         row[f"{name}_host_ms_per_call"] = host * 1e3
-    row["randperm_ms"] = timeit(lambda: torch.randperm(T, device="cuda"), 0.1)
     w = router.weight
-    w_hi = w.to(torch.bfloat16)
-    w_lo = (w - w_hi.float()).to(torch.bfloat16)
     logits = torch.empty(T, E, device="cuda")
     row["logits_kernel_ms"] = timeit(
         lambda: rk._logits_kernel[(T // 64, 1)](
-            x, w_hi, w_lo, logits, T, H, E, H, H, SPLIT=True, PRECISION="tf32", BLOCK_T=64, BLOCK_E=64, BLOCK_H=64
+            x, w, logits, T, H, E, H, H, SPLIT=True, PRECISION="tf32", BLOCK_T=64, BLOCK_E=64, BLOCK_H=64
         ),
         0.1,
     )
+    # The fused forward's GPU time alone: replayed from a CUDA graph (no host work per call).
+    try:
+        xd = x.detach()
+        with torch.no_grad():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    rk.fused_route(xd, w, k, 1.25, random_priority=True)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                rk.fused_route(xd, w, k, 1.25, random_priority=True)
+        row["triton_fwd_graph_ms"] = timeit(graph.replay, 0.1)
+    except Exception as err:  # capture can fail on other torch versions: report, do not stop
+        row["triton_fwd_graph_ms"] = f"{type(err).__name__}: {str(err)[:80]}"
     row["torch_fp32_logits_ms"] = timeit(lambda: x.float() @ w.t(), 0.1)
     print(f"  router profile {row}", flush=True)
     results.append(row)
