@@ -141,6 +141,17 @@ def check_router(rep: Report) -> None:
         ((wts * G).sum() + 0.3 * aux + 0.1 * z).backward()
         rep.check(f"{tag}: dx rel err (bf16 grad)", rel(x.grad, x_ref.grad), 1e-2)
         rep.check(f"{tag}: dW rel err", rel(w_ours.grad, w_ref.grad), 1e-3)
+        # Run to run: the same inputs give bitwise the same gradients (dW sums its token chunks in
+        # a fixed order).
+        grads = []
+        for _ in range(2):
+            xi = x.detach().clone().requires_grad_(True)
+            wi = router.weight.detach().clone().requires_grad_(True)
+            ri = fused_route(xi, wi, K, cf, 4, mask)
+            ((ri.weights * G).sum() + 0.3 * ri.aux_loss + 0.1 * ri.z_loss).backward()
+            grads.append((xi.grad, wi.grad))
+        same_grads = torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+        rep.check(f"{tag}: run-to-run bitwise dx, dW (0 = identical)", 0.0 if same_grads else 1.0, 0.0)
     # Random Token Selection: capacity respected, first choices keep priority, kept set random.
     T, H, E, K = sz(4096), sz(256), 8, 2
     w = torch.randn(E, H, device=DEV) * H**-0.5

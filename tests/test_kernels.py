@@ -55,7 +55,13 @@ def make_router(H, E, K, cf, skew=1.0):
 @kernel_test
 @pytest.mark.parametrize(
     ("T", "E", "K", "cf", "pad"),
-    [(37, 6, 1, 0.5, False), (70, 6, 2, 1.0, True), (33, 8, 8, None, False), (45, 5, 3, 1.25, True)],
+    [
+        (37, 6, 1, 0.5, False),
+        (70, 6, 2, 1.0, True),
+        (33, 8, 8, None, False),
+        (45, 5, 3, 1.25, True),
+        (300, 7, 2, 1.0, False),  # dW summed over 3 token chunks, the last one partial
+    ],
 )
 def test_router_matches_reference(T, E, K, cf, pad):
     from lightning_moe.kernels.router import fused_route

@@ -80,7 +80,7 @@ def _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits):
     return tl.where(p_mask, x, 0).to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1", "k2", "k3"])
 def _permutation_kernel(out_ptr, T, k0, k1, k2, k3, half_bits, BLOCK: tl.constexpr):
     offs_p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     p_mask = offs_p < T
@@ -117,7 +117,7 @@ def _logits_kernel(
     tl.store(out_ptrs, acc, mask=t_mask[:, None] & e_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1", "k2", "k3"])  # random keys: no recompiles
 def _gate_kernel(
     logits_ptr, valid_ptr, probs_ptr, lse_ptr, idx_ptr, topp_ptr, rank_ptr,
     hist_ptr, psum_ptr, stats_ptr, T, E, k0, k1, k2, k3, half_bits,
@@ -188,7 +188,7 @@ def _scan_kernel(
     tl.store(psum_ptr + offs_e, tl.sum(psum, axis=0), mask=e_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k0", "k1", "k2", "k3"])
 def _assign_kernel(
     valid_ptr, idx_ptr, topp_ptr, rank_ptr, offsets_ptr, kept_e_ptr, counts_ptr, psum_ptr,
     stats_ptr, kept_ptr, weights_ptr, row_pair_ptr, losses_ptr,
@@ -331,19 +331,25 @@ def _router_dx_kernel(
 
 @triton.jit
 def _router_dw_kernel(
-    dl_ptr, x_ptr, dw_ptr, T, H, E, stride_x,
+    dl_ptr, x_ptr, dw_ptr, T, H, E, stride_x, chunk,
     SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """``dW = dlogits^T @ x`` over all tokens in one program per tile (fp32 accumulation, no atomics)."""
+    """``dW = dlogits^T @ x`` over the tokens of chunk ``program_id(2)``, one program per tile.
+
+    Each chunk's fp32 partial sum goes to its own slice of ``dw`` (``[chunks, E, H]``); the
+    caller sums the slices in a fixed order: no atomics, deterministic.
+    """
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_t = tl.arange(0, BLOCK_T)
     e_mask = offs_e < E
     h_mask = offs_h < H
+    t_start = tl.program_id(2) * chunk
+    t_end = tl.minimum(t_start + chunk, T)
     acc = tl.zeros((BLOCK_E, BLOCK_H), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        t_mask = offs_t + t0 < T
+    for t0 in range(t_start, t_end, BLOCK_T):
+        t_mask = offs_t + t0 < t_end
         rows = (offs_t + t0).to(tl.int64)
         a = tl.load(dl_ptr + rows[:, None] * E + offs_e[None, :], mask=t_mask[:, None] & e_mask[None, :], other=0.0)
         b = tl.load(
@@ -357,7 +363,7 @@ def _router_dw_kernel(
             acc = tl.dot(tl.trans(a_lo), b, acc)
         else:
             acc = tl.dot(tl.trans(a), b.to(tl.float32), acc, input_precision=PRECISION)
-    dw_ptrs = dw_ptr + offs_e.to(tl.int64)[:, None] * H + offs_h[None, :]
+    dw_ptrs = dw_ptr + (tl.program_id(2) * E + offs_e).to(tl.int64)[:, None] * H + offs_h[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=e_mask[:, None] & h_mask[None, :])
 
 
@@ -506,13 +512,20 @@ class _FusedRouter(torch.autograd.Function):
                 num_warps=4, num_stages=3,
             )  # fmt: skip
         if ctx.needs_input_grad[1]:
-            dw = torch.empty(E, H, device=x_TH.device, dtype=weight_EH.dtype)
             block_h, block_t = (16, 16) if interpret else (64, 64)
-            _router_dw_kernel[(triton.cdiv(E, block_e), triton.cdiv(H, block_h))](
-                dlogits_TE, x_TH, dw, T, H, E, x_TH.stride(0),
+            tiles = triton.cdiv(E, block_e) * triton.cdiv(H, block_h)
+            # Split the token reduction into chunks until the grid covers the GPU (about 4
+            # programs per SM on an H200), then add the chunks' partial sums in a fixed order.
+            chunks = max(1, min(triton.cdiv(528, tiles), triton.cdiv(T, 8 * block_t)))
+            chunk = triton.cdiv(triton.cdiv(T, chunks), block_t) * block_t
+            chunks = triton.cdiv(T, chunk)
+            dw = torch.empty(chunks, E, H, device=x_TH.device, dtype=torch.float32 if chunks > 1 else weight_EH.dtype)
+            _router_dw_kernel[(triton.cdiv(E, block_e), triton.cdiv(H, block_h), chunks)](
+                dlogits_TE, x_TH, dw, T, H, E, x_TH.stride(0), chunk,
                 SPLIT=split, PRECISION=precision, BLOCK_E=block_e, BLOCK_H=block_h, BLOCK_T=block_t,
                 num_warps=4, num_stages=3,
             )  # fmt: skip
+            dw = dw[0] if chunks == 1 else dw.sum(0).to(weight_EH.dtype)
         return dx, dw, None, None, None, None, None
 
 
