@@ -303,33 +303,48 @@ def bench_router(results):
             results.append(row)
 
 
-def bench_breakdown(shape, results, sweep=False):
-    """Each of our kernels vs torch._grouped_mm on the same GEMM (dropless, balanced routing)."""
+def routed_inputs(shape):
+    """Inputs of the per-kernel timings at one shape: bf16 tokens routed by the fused router
+    (dropless, balanced), expert weights, the up projection's outputs, an output gradient and
+    the backward's expert-ordered rows (``dys = w dy[token]``, ``x_sorted``)."""
+    from types import SimpleNamespace
+
     from lightning_moe.kernels import grouped_gemm as gg
-    from lightning_moe.kernels.combine import combine, combine_weights_grad
     from lightning_moe.kernels.router import fused_route
 
     T, H, Fd, E, k = shape
     dt = torch.bfloat16
     torch.manual_seed(0)
     x = torch.randn(T, H, device="cuda", dtype=dt)
-    wg = torch.randn(E, H, device="cuda") * 0.1 * H**-0.5
-    r = fused_route(x, wg, k, None)
+    r = fused_route(x, torch.randn(E, H, device="cuda") * 0.1 * H**-0.5, k, None)
     P = T * k
     w1 = torch.randn(E, H, Fd, device="cuda", dtype=dt) * H**-0.5
     w3 = torch.randn_like(w1)
     w2 = torch.randn(E, Fd, H, device="cuda", dtype=dt) * Fd**-0.5
     counts, rp, wts = r.kept_per_expert, r.row_pair, r.weights.reshape(-1).contiguous()
     g, u, h = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu")
-    dys = gg.gather_rows(torch.randn(T, H, device="cuda", dtype=dt), rp, k, counts, P, scale=wts)
-    x_sorted = gg.gather_rows(x, rp, k, counts, P)
+    dy = torch.randn(T, H, device="cuda", dtype=dt)
+    return SimpleNamespace(
+        T=T, H=H, Fd=Fd, E=E, k=k, P=P, dt=dt, x=x, r=r, w1=w1, w3=w3, w2=w2, counts=counts, rp=rp,
+        wts=wts, g=g, u=u, h=h, dy=dy, dys=gg.gather_rows(dy, rp, k, counts, P, scale=wts),
+        x_sorted=gg.gather_rows(x, rp, k, counts, P), offs=torch.cumsum(counts, 0).to(torch.int32),
+        gemm=2 * P * H * Fd,
+    )  # fmt: skip
+
+
+def bench_breakdown(shape, results, sweep=False):
+    """Each of our kernels vs torch._grouped_mm on the same GEMM (dropless, balanced routing)."""
+    from lightning_moe.kernels import grouped_gemm as gg
+    from lightning_moe.kernels.combine import combine, combine_weights_grad
+
+    d = routed_inputs(shape)
+    H, Fd, k, P, dt, x, r = d.H, d.Fd, d.k, d.P, d.dt, d.x, d.r
+    w1, w3, w2, counts, rp, wts, g, u, h = d.w1, d.w3, d.w2, d.counts, d.rp, d.wts, d.g, d.u, d.h
+    dys, x_sorted, dy, offs, gemm = d.dys, d.x_sorted, d.dy, d.offs, d.gemm
     w2t, w1t, w3t = (w.transpose(1, 2).contiguous() for w in (w2, w1, w3))
     slots = x.new_empty(P, H)
-    dy = torch.randn(T, H, device="cuda", dtype=dt)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
     xs = torch.randn(P, H, device="cuda", dtype=dt)
     hs = torch.randn(P, Fd, device="cuda", dtype=dt)
-    gemm = 2 * P * H * Fd
     rows = {}
 
     def rec(name, fn, flops):

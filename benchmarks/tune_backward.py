@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from moe_layer_benchmark import SHAPES, timeit
+from moe_layer_benchmark import SHAPES, routed_inputs, timeit
 
 from lightning_moe.kernels import grouped_gemm as gg
 from lightning_moe.kernels.router import fused_route
@@ -74,24 +74,10 @@ def tag(c: gg.GemmConfig) -> str:
 
 
 def tune_shape(shape, deadline: float) -> dict:
-    T, H, Fd, E, k = shape
-    dt = torch.bfloat16
-    torch.manual_seed(0)
-    x = torch.randn(T, H, device="cuda", dtype=dt)
-    wg = torch.randn(E, H, device="cuda") * 0.1 * H**-0.5
-    r = fused_route(x, wg, k, None)
-    P = T * k
-    w1 = torch.randn(E, H, Fd, device="cuda", dtype=dt) * H**-0.5
-    w3 = torch.randn_like(w1)
-    w2 = torch.randn(E, Fd, H, device="cuda", dtype=dt) * Fd**-0.5
-    counts, rp, wts = r.kept_per_expert, r.row_pair, r.weights.reshape(-1).contiguous()
-    g, u, h = gg.ffn_up(x, rp, k, w1, w3, counts, P, "swiglu")
-    dy = torch.randn(T, H, device="cuda", dtype=dt)
-    dys = gg.gather_rows(dy, rp, k, counts, P, scale=wts)
-    xs = gg.gather_rows(x, rp, k, counts, P)
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    w2t = w2.transpose(1, 2)
-    gemm = 2 * P * H * Fd
+    d = routed_inputs(shape)
+    k, P, dt, x, counts, rp, wts = d.k, d.P, d.dt, d.x, d.counts, d.rp, d.wts
+    g, u, h, dy, dys, xs, offs, gemm = d.g, d.u, d.h, d.dy, d.dys, d.x_sorted, d.offs, d.gemm
+    w2t = d.w2.transpose(1, 2)
     rows: dict[str, dict] = {}
 
     def rec(group: str, name: str, fn, flops: int) -> None:

@@ -252,19 +252,26 @@ def _act_bwd_store(dh, g, u, dg_ptr, du_ptr, offs, mask, ACT: tl.constexpr):
 
 
 @triton.jit
+def _kept_rows(counts_ptr, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program's block of expert-sorted rows, its mask (``row < sum(counts)``), and whether any row is in it."""
+    offs_e = tl.arange(0, BLOCK_E)
+    num_rows = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), axis=0)
+    r0 = tl.program_id(0) * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    return rows, rows < num_rows, r0 < num_rows
+
+
+@triton.jit
 def _act_bwd_rows_kernel(
     dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, counts_ptr, E, N, stride,
     ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """The activation's backward alone, on the first ``sum(counts)`` rows (memory-bound)."""
-    offs_e = tl.arange(0, BLOCK_E)
-    num_rows = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), axis=0)
-    r0 = tl.program_id(0) * BLOCK_R
-    if r0 >= num_rows:
+    rows, r_mask, any_rows = _kept_rows(counts_ptr, E, BLOCK_R, BLOCK_E)
+    if not any_rows:
         return
-    rows = r0 + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < num_rows)[:, None] & (offs_n < N)[None, :]
+    mask = r_mask[:, None] & (offs_n < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride + offs_n[None, :]
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g, u = _load_act(g_ptr, u_ptr, offs, mask, ACT)
@@ -322,13 +329,9 @@ def _gather_rows_kernel(
     src_ptr, row_pair_ptr, scale_ptr, counts_ptr, out_ptr, E, H, TOP_K, stride_src, stride_out,
     SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    offs_e = tl.arange(0, BLOCK_E)
-    num_rows = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), axis=0)
-    r0 = tl.program_id(0) * BLOCK_R
-    if r0 >= num_rows:
+    rows, r_mask, any_rows = _kept_rows(counts_ptr, E, BLOCK_R, BLOCK_E)
+    if not any_rows:
         return
-    rows = r0 + tl.arange(0, BLOCK_R)
-    r_mask = rows < num_rows
     pair = tl.load(row_pair_ptr + rows, mask=r_mask, other=0)
     src = (pair // TOP_K).to(tl.int64)
     if SCALED:
