@@ -112,6 +112,16 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(num_pid_m, counts_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """This program's expert (E if it has no tile), row tile and its mask, and column tile index."""
+    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e, row0, row_end = _expert_tile(pid_m, counts_ptr, E, BLOCK_M, BLOCK_E)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    return e, rows, rows < row_end, pid_n
+
+
+@triton.jit
 def _mm_loop(a_ptr, b_ptr, a_offs, b_offs, acc, R, row_mask, n_mask, offs_k, stride_bk,
              EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """``acc += A[rows, :R] @ B[:R, cols]`` in BLOCK_K steps."""
@@ -137,12 +147,9 @@ def _ffn_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, row0, row_end = _expert_tile(pid_m, counts_ptr, E, BLOCK_M, BLOCK_E)
+    e, rows, row_mask, pid_n = _row_tile(num_pid_m, counts_ptr, E, N, BLOCK_M, BLOCK_N, GROUP_M, BLOCK_E)
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
     if GATHER:
         pair = tl.load(row_pair_ptr + rows, mask=row_mask, other=0)
         src = pair // TOP_K
@@ -196,12 +203,9 @@ def _grouped_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
-    e, row0, row_end = _expert_tile(pid_m, counts_ptr, E, BLOCK_M, BLOCK_E)
+    e, rows, row_mask, pid_n = _row_tile(num_pid_m, counts_ptr, E, N, BLOCK_M, BLOCK_N, GROUP_M, BLOCK_E)
     if e >= E:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

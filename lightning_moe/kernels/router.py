@@ -80,6 +80,26 @@ def _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits):
     return tl.where(p_mask, x, 0).to(tl.int64)
 
 
+@triton.jit
+def _token_block(valid_ptr, T, k0, k1, k2, k3, half_bits,
+                 HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """Block ``program_id(0)`` of priority positions: ``(position < T, token, token is not padding)``.
+
+    The token of a position is the position itself, or under Random Token Selection its image
+    under the keyed permutation.
+    """
+    offs_p = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    p_mask = offs_p < T
+    if HAS_PERM:
+        tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
+    else:
+        tok = offs_p.to(tl.int64)
+    valid = p_mask
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
+    return p_mask, tok, valid
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "k2", "k3"])
 def _permutation_kernel(out_ptr, T, k0, k1, k2, k3, half_bits, BLOCK: tl.constexpr):
     offs_p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -125,15 +145,7 @@ def _gate_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = offs_p < T
-    if HAS_PERM:
-        tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
-    else:
-        tok = offs_p.to(tl.int64)
-    valid = p_mask
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
+    p_mask, tok, valid = _token_block(valid_ptr, T, k0, k1, k2, k3, half_bits, HAS_VALID, HAS_PERM, BLOCK_T)
     valid_f = valid.to(tl.float32)
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
@@ -193,18 +205,11 @@ def _assign_kernel(
     valid_ptr, idx_ptr, topp_ptr, rank_ptr, offsets_ptr, kept_e_ptr, counts_ptr, psum_ptr,
     stats_ptr, kept_ptr, weights_ptr, row_pair_ptr, losses_ptr,
     T, E, B, capacity, aux_scale, num_tokens, eps, k0, k1, k2, k3, half_bits,
-    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    K: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    offs_p = b * BLOCK_T + tl.arange(0, BLOCK_T)
-    p_mask = offs_p < T
-    if HAS_PERM:
-        tok = _priority_token(offs_p, p_mask, T, k0, k1, k2, k3, half_bits)
-    else:
-        tok = offs_p.to(tl.int64)
-    valid = p_mask
-    if HAS_VALID:
-        valid = valid & (tl.load(valid_ptr + tok, mask=p_mask, other=0) != 0)
+    p_mask, tok, valid = _token_block(valid_ptr, T, k0, k1, k2, k3, half_bits, HAS_VALID, HAS_PERM, BLOCK_T)
     offs_e = tl.arange(0, BLOCK_E)
     kept_e = tl.load(kept_e_ptr + offs_e, mask=offs_e < E, other=0)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
