@@ -39,7 +39,7 @@ from lightning_moe.data.corpus import (
 from lightning_moe.data.languages import check_language
 from lightning_moe.data.noise import span_mask
 from lightning_moe.data.sampling import TemperatureSampler, temperature_probabilities
-from lightning_moe.data.tokenizer import Tokenizer
+from lightning_moe.data.tokenizer import Tokenizer, TokenizerCheckpointMixin
 
 __all__ = ["TASK_DENOISING", "TASK_TRANSLATION", "MultilingualDataModule"]
 
@@ -140,7 +140,7 @@ class _Collate:
         }
 
 
-class MultilingualDataModule(LightningDataModule):
+class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
     """Multitask multilingual data: translation in both directions of every pair, plus denoising.
 
     Training draws ``samples_per_epoch`` examples per epoch with replacement: a
@@ -356,19 +356,6 @@ class MultilingualDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The test split's translation examples (every direction, fixed order), for ``predict``."""
         return self.test_dataloader()
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpoint state: the tokenizer, so a resumed run decodes with the same vocabulary."""
-        return {"tokenizer": None if self._tokenizer is None else self._tokenizer.to_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the tokenizer from a checkpoint (re-encoding the data if it differs)."""
-        if state_dict.get("tokenizer") is not None:
-            tokenizer = Tokenizer.from_dict(state_dict["tokenizer"])
-            if tokenizer != self._tokenizer:
-                self._set_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ decoding helpers
 

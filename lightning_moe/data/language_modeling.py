@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -24,7 +23,7 @@ from typing_extensions import override
 
 from lightning_moe.data.corpus import CorpusError, bundled_corpus_dir, hash_split, read_corpus
 from lightning_moe.data.languages import check_language
-from lightning_moe.data.tokenizer import Tokenizer
+from lightning_moe.data.tokenizer import Tokenizer, TokenizerCheckpointMixin
 
 __all__ = ["LanguageModelDataModule"]
 
@@ -63,7 +62,7 @@ class _SyntheticDataset(Dataset):
         return {"input_ids": block[:-1], "labels": block[1:]}
 
 
-class LanguageModelDataModule(LightningDataModule):
+class LanguageModelDataModule(TokenizerCheckpointMixin, LightningDataModule):
     """Next-token prediction blocks from the multilingual corpus, or random tokens for throughput runs.
 
     Batches are dicts with ``input_ids`` and ``labels``, both ``[B, seq_len]`` long tensors;
@@ -254,17 +253,8 @@ class LanguageModelDataModule(LightningDataModule):
             ids.append(tok.eos_id)
         return torch.tensor(ids, dtype=torch.long)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpoint state: the tokenizer."""
-        return {"tokenizer": None if self._tokenizer is None else self._tokenizer.to_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the tokenizer (re-tokenizing the corpus if it differs)."""
-        if state_dict.get("tokenizer") is not None:
-            tokenizer = Tokenizer.from_dict(state_dict["tokenizer"])
-            if tokenizer != self._tokenizer:
-                self._tokenizer = tokenizer
-                self._streams = {}
-                self.setup()
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Adopt a restored tokenizer and re-tokenize the corpus."""
+        self._tokenizer = tokenizer
+        self._streams = {}
+        self.setup()

@@ -35,7 +35,7 @@ from typing import Any
 
 from lightning_moe.data.languages import check_language
 
-__all__ = ["SPECIAL_TOKENS", "Tokenizer", "lang_tag"]
+__all__ = ["SPECIAL_TOKENS", "Tokenizer", "TokenizerCheckpointMixin", "lang_tag"]
 
 #: The fixed special tokens, in id order.
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
@@ -472,3 +472,28 @@ def _learn_merges(
             else:
                 pair_counts.pop(changed_pair, None)
     return merges
+
+
+class TokenizerCheckpointMixin:
+    """Datamodule checkpoint state: the tokenizer (``self._tokenizer``), so a resumed run uses the same vocabulary.
+
+    Subclasses implement :meth:`_set_tokenizer`, which installs a restored tokenizer and rebuilds
+    whatever was encoded with the previous one. Put the mixin before ``LightningDataModule`` in the
+    bases.
+    """
+
+    _tokenizer: Tokenizer | None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint state: the tokenizer."""
+        return {"tokenizer": None if self._tokenizer is None else self._tokenizer.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the tokenizer from a checkpoint (re-encoding the data if it differs)."""
+        if state_dict.get("tokenizer") is not None:
+            tokenizer = Tokenizer.from_dict(state_dict["tokenizer"])
+            if tokenizer != self._tokenizer:
+                self._set_tokenizer(tokenizer)
+
+    def _set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        raise NotImplementedError
