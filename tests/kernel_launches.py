@@ -66,21 +66,20 @@ def record(path: str) -> None:
     cases = [(torch.float16, "swiglu", 1.25, True), (torch.float16, "gelu", None, False),
              (torch.float16, "relu", None, False), (torch.float32, "swiglu", 1.0, False)]  # fmt: skip
     for dtype, activation, cf, pad in cases:
-        if True:
-            x = torch.randn(T, H, dtype=dtype, requires_grad=True)
-            wg = torch.randn(E, H, requires_grad=True)
-            mask = torch.zeros(T, dtype=torch.bool)
-            if pad:
-                mask[-5:] = True
-            r = router.fused_route(x, wg, K, cf, padding_mask_T=mask if pad else None, random_priority=cf is not None)
-            w1 = torch.randn(E, H, F, dtype=dtype, requires_grad=True)
-            w3 = torch.randn(E, H, F, dtype=dtype, requires_grad=True) if activation == "swiglu" else None
-            w2 = torch.randn(E, F, H, dtype=dtype, requires_grad=True)
-            y = moe_experts(x, r.weights, r.kept, r.row_pair, r.kept_per_expert, w1, w3, w2, activation)
-            (y.float().sum() + r.aux_loss + r.z_loss).backward()
-            rows = torch.randn(30, H, dtype=dtype, requires_grad=True)
-            out = grouped_ffn(rows, torch.tensor([10, 0, 15, 5]), w1, w3, w2, activation)
-            out.float().sum().backward()
+        x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+        wg = torch.randn(E, H, requires_grad=True)
+        mask = torch.zeros(T, dtype=torch.bool)
+        if pad:
+            mask[-5:] = True
+        r = router.fused_route(x, wg, K, cf, padding_mask_T=mask if pad else None, random_priority=cf is not None)
+        w1 = torch.randn(E, H, F, dtype=dtype, requires_grad=True)
+        w3 = torch.randn(E, H, F, dtype=dtype, requires_grad=True) if activation == "swiglu" else None
+        w2 = torch.randn(E, F, H, dtype=dtype, requires_grad=True)
+        y = moe_experts(x, r.weights, r.kept, r.row_pair, r.kept_per_expert, w1, w3, w2, activation)
+        (y.float().sum() + r.aux_loss + r.z_loss).backward()
+        rows = torch.randn(30, H, dtype=dtype, requires_grad=True)
+        out = grouped_ffn(rows, torch.tensor([10, 0, 15, 5]), w1, w3, w2, activation)
+        out.float().sum().backward()
     router.rts_permutation(100, (1, 2, 3, 4))
     with open(path, "w") as f:
         json.dump(launches, f)

@@ -59,7 +59,7 @@ class GemmConfig:
 INTERPRET_CONFIG = GemmConfig(16, 16, 16, group_m=2, num_warps=4, num_stages=1)
 
 
-def pick_config(kind: str, n_cols: int, reduce_dim: int, rows_per_expert: float) -> GemmConfig:
+def pick_config(kind: str, n_cols: int, rows_per_expert: float) -> GemmConfig:
     """Tile configuration for one launch (tuned on an H200, bf16; see docs/kernels.md).
 
     The choice depends on the weight shape and the average rows per expert only, so a new token
@@ -68,7 +68,6 @@ def pick_config(kind: str, n_cols: int, reduce_dim: int, rows_per_expert: float)
     Args:
         kind: ``"up"``, ``"mm"``, ``"wgrad"`` (one accumulator) or ``"wgrad2"`` (two).
         n_cols: output columns.
-        reduce_dim: the GEMM's reduction length.
         rows_per_expert: average rows per expert.
     """
     if interpreter_enabled():
@@ -385,7 +384,7 @@ def ffn_up(
         ``g_NF`` (``x @ w1``), ``u_NF`` (``x @ w3``, SwiGLU only) and ``h_NF`` (the activation).
     """
     E, H, F = w1_EHF.shape
-    cfg = config or pick_config("up", F, H, max_rows / max(E, 1))
+    cfg = config or pick_config("up", F, max_rows / max(E, 1))
     g = x.new_empty(max_rows, F)
     h = torch.empty_like(g)
     u = torch.empty_like(g) if w3_EHF is not None else None
@@ -425,7 +424,7 @@ def grouped_mm(
     """
     E, R, N = b1_ERN.shape
     max_rows = a1.shape[0]
-    cfg = config or pick_config("mm", N, R, max_rows / max(E, 1))
+    cfg = config or pick_config("mm", N, max_rows / max(E, 1))
     num_pid_m = _row_tiles(max_rows, E, cfg.block_m)
     grid = (num_pid_m * triton.cdiv(N, cfg.block_n),)
     dual = a2 is not None
@@ -498,7 +497,7 @@ def wgrad(
     """
     E = counts_E.shape[0]
     M, N = a.shape[1], b1.shape[1]
-    cfg = config or pick_config("wgrad" if b2 is None else "wgrad2", N, 0, 0)
+    cfg = config or pick_config("wgrad" if b2 is None else "wgrad2", N, a.shape[0] / max(E, 1))
     c1 = torch.empty(E, M, N, device=a.device, dtype=out_dtype)
     c2 = torch.empty_like(c1) if b2 is not None else None
     grid = (E * triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
