@@ -227,34 +227,6 @@ def _grouped_mm_kernel(
 
 
 @triton.jit
-def _load_act(g_ptr, u_ptr, offs, mask, ACT: tl.constexpr):
-    """The saved pre-activations ``g`` and (SwiGLU) ``u``; ``u`` is ``g`` for the other activations."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    u = g
-    if ACT == 0:
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    return g, u
-
-
-@triton.jit
-def _act_bwd_store(dh, g, u, dg_ptr, du_ptr, offs, mask, ACT: tl.constexpr):
-    """``dg`` (and ``du``) from the float32 ``dh`` and the saved pre-activations."""
-    dtype = dg_ptr.dtype.element_ty
-    g = g.to(tl.float32)
-    if ACT == 0:
-        u = u.to(tl.float32)
-        sig = tl.sigmoid(g)
-        tl.store(dg_ptr + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
-        tl.store(du_ptr + offs, (dh * g * sig).to(dtype), mask=mask)
-    elif ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
-        tl.store(dg_ptr + offs, (dh * (cdf + g * pdf)).to(dtype), mask=mask)
-    else:
-        tl.store(dg_ptr + offs, tl.where(g > 0.0, dh, 0.0).to(dtype), mask=mask)
-
-
-@triton.jit
 def _kept_rows(counts_ptr, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """This program's block of expert-sorted rows, its mask (``row < sum(counts)``), and whether any row is in it."""
     offs_e = tl.arange(0, BLOCK_E)
@@ -277,8 +249,19 @@ def _act_bwd_rows_kernel(
     mask = r_mask[:, None] & (offs_n < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride + offs_n[None, :]
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g, u = _load_act(g_ptr, u_ptr, offs, mask, ACT)
-    _act_bwd_store(dh, g, u, dg_ptr, du_ptr, offs, mask, ACT)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dtype = dg_ptr.dtype.element_ty
+    if ACT == 0:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        tl.store(dg_ptr + offs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
+        tl.store(du_ptr + offs, (dh * g * sig).to(dtype), mask=mask)
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+        tl.store(dg_ptr + offs, (dh * (cdf + g * pdf)).to(dtype), mask=mask)
+    else:
+        tl.store(dg_ptr + offs, tl.where(g > 0.0, dh, 0.0).to(dtype), mask=mask)
 
 
 @triton.jit
