@@ -3,7 +3,8 @@
 ``lightning-moe fit|validate|test|predict -c recipes/<recipe>.yaml`` is a LightningCLI whose model
 and data are given by ``class_path`` in the recipe; ``lightning-moe translate --ckpt PATH
 --tgt-lang de [TEXT ...]`` loads a checkpoint (a Lightning checkpoint or a consolidated
-expert-parallel one) and translates. ``python -m lightning_moe`` is the same command.
+expert-parallel one) and translates; ``lightning-moe prune`` and ``lightning-moe aggregate`` edit
+checkpoints (:mod:`lightning_moe.surgery.commands`). ``python -m lightning_moe`` is the same command.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: Model-surgery commands and their entry points in :mod:`lightning_moe.surgery.commands`.
+SURGERY_COMMANDS = {"prune": "prune_main", "aggregate": "aggregate_main"}
 
 
 class MoECLI(LightningCLI):
@@ -134,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "translate":
         raise SystemExit(translate_main(args[1:]))
+    if args and args[0] in SURGERY_COMMANDS:
+        from lightning_moe.surgery import commands
+
+        raise SystemExit(getattr(commands, SURGERY_COMMANDS[args[0]])(args[1:]))
     if args and args[0] == "consolidate":
         from lightning_moe.strategy.consolidate import main as consolidate_main
 
