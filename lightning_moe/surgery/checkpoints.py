@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_moe.io import atomic_save
 from lightning_moe.moe.layer import MoE
 
 #: Checkpoint entries surgery never carries: training state and the sharded-checkpoint metadata.
@@ -65,19 +65,8 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_checkpoint_dict(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write ``checkpoint`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``checkpoint`` to ``path`` atomically (:func:`lightning_moe.io.atomic_save`)."""
+    atomic_save(dict(checkpoint), path)
 
 
 def moe_layer_names(state_dict: Mapping[str, Tensor]) -> list[str]:
