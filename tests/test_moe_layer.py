@@ -98,7 +98,10 @@ def test_dropless_equals_naive_mixture(activation, top_k):
 def test_rts_unbiased_and_capacity_respected():
     torch.manual_seed(123)
     T, E = 64, 4
-    moe = make(num_experts=E, top_k=1, capacity_factor=1.0, min_capacity=1, random_token_selection=True)
+    moe = make(
+        num_experts=E, top_k=1, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=1,
+        random_token_selection=True,
+    )  # fmt: skip
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0, 0] = 10.0  # every token with x[:, 0] > 0 prefers expert 0
@@ -124,7 +127,7 @@ def test_rts_unbiased_and_capacity_respected():
     first_half = kept_counts[: T // 2].sum()
     second_half = kept_counts[T // 2 :].sum()
     assert abs(first_half - second_half) < 0.15 * (first_half + second_half)
-    # Eval mode is deterministic token order.
+    # Eval mode with a capacity factor is deterministic token order.
     moe.eval()
     r = moe.router(x)
     assert torch.equal(torch.nonzero(r.kept[:, 0]).flatten(), torch.arange(cap))
@@ -276,6 +279,36 @@ def test_wrong_hidden_size_at_forward():
         moe(torch.randn(3, 9))
     with pytest.raises(ValueError, match="padding_mask"):
         moe(torch.randn(3, 8), padding_mask=torch.zeros(4, dtype=torch.bool))
+
+
+def test_eval_is_dropless_by_default_and_independent_of_the_batch():
+    torch.manual_seed(3)
+    moe = make(num_experts=4, top_k=2, capacity_factor=0.5, min_capacity=1)
+    with torch.no_grad():
+        moe.router.weight.normal_(std=3.0)
+    x = torch.randn(48, 8)
+    moe.train()
+    moe(x)
+    assert moe.last_stats.dropped.item() > 0  # training drops at capacity factor 0.5
+    moe.eval()
+    with torch.no_grad():
+        batch = moe(x)
+        assert moe.last_stats.dropped.item() == 0
+        alone = moe(x[:5])  # the same tokens without their batch neighbours
+        reference = moe.reference_forward(x, *_router_weights_and_indices(moe, x))
+    torch.testing.assert_close(batch[:5], alone)
+    torch.testing.assert_close(batch, reference)
+    # An explicit eval capacity factor brings capacity-mode evaluation back.
+    moe.router.eval_capacity_factor = 0.5
+    with torch.no_grad():
+        moe(x)
+    assert moe.last_stats.dropped.item() > 0
+
+
+def _router_weights_and_indices(moe, x):
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)
+    top, idx = probs.topk(moe.top_k, dim=-1)
+    return top / top.sum(-1, keepdim=True), idx
 
 
 def test_eval_capacity_factor_and_stats():

@@ -35,7 +35,7 @@ class _ModelConfig:
     num_experts: int = 8
     top_k: int = 2
     capacity_factor: float | None = 1.25  # None: dropless
-    eval_capacity_factor: float | None = None  # None: same as capacity_factor
+    eval_capacity_factor: float | None = None  # None: dropless evaluation and decoding
     min_capacity: int = 4
     random_token_selection: bool = True
     router_jitter: float = 0.0
@@ -186,7 +186,7 @@ class TransformerConfig(_ModelConfig):
         num_experts: experts per MoE layer; 0 makes the model dense.
         top_k: experts per token.
         capacity_factor: training capacity factor; ``None`` is dropless.
-        eval_capacity_factor: eval capacity factor; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: eval (validation, decoding) capacity factor; ``None`` is dropless.
         min_capacity: lower bound on slots per expert.
         random_token_selection: Random Token Selection (Kim et al. 2021) in training.
         router_jitter: multiplicative router input jitter epsilon, training only.
@@ -267,7 +267,7 @@ class GPTConfig(_ModelConfig):
         num_experts: experts per MoE layer; 0 makes the model dense.
         top_k: experts per token.
         capacity_factor: training capacity factor; ``None`` is dropless.
-        eval_capacity_factor: eval capacity factor; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: eval (validation, decoding) capacity factor; ``None`` is dropless.
         min_capacity: lower bound on slots per expert.
         random_token_selection: Random Token Selection in training.
         router_jitter: multiplicative router input jitter epsilon, training only.

@@ -48,7 +48,7 @@ class LanguageModelModule(LightningModule):
         num_experts: experts per MoE layer; 0 is dense.
         top_k: experts per token.
         capacity_factor: training capacity factor; ``None`` is dropless.
-        eval_capacity_factor: eval capacity factor; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: eval (validation, decoding) capacity factor; ``None`` is dropless.
         min_capacity: lower bound on slots per expert.
         random_token_selection: Random Token Selection in training.
         router_jitter: multiplicative router input jitter epsilon.

@@ -57,7 +57,9 @@ class MoE(nn.Module):
         top_k: experts per token, in ``[1, E]``.
         capacity_factor: slots per expert relative to a perfectly balanced load in training;
             ``None`` is dropless (every choice is computed).
-        eval_capacity_factor: capacity factor in eval mode; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: capacity factor in eval mode (validation, decoding); ``None`` (the
+            default) is dropless, so no token is dropped and an output does not depend on its batch
+            neighbours. Pass a value (the paper evaluates at 2.0) for capacity-mode evaluation.
         min_capacity: lower bound on slots per expert in capacity mode.
         random_token_selection: Random Token Selection: an over-full expert keeps a uniformly
             random subset of its tokens (training only) instead of the earliest ones.

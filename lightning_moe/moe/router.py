@@ -100,7 +100,7 @@ class Router(nn.Module):
         num_experts: E.
         top_k: experts per token, in ``[1, E]``.
         capacity_factor: slots per expert relative to a perfectly balanced load; ``None`` is dropless.
-        eval_capacity_factor: capacity factor outside training; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: capacity factor outside training; ``None`` (the default) is dropless.
         min_capacity: lower bound on slots per expert in capacity mode.
         random_token_selection: keep a uniformly random subset of an over-full expert's tokens.
         router_jitter: multiplicative input jitter epsilon (training only); 0 turns it off.
@@ -134,10 +134,12 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=self.hidden_size**-0.5 * 0.1)
 
     def active_capacity_factor(self) -> float | None:
-        """The capacity factor in force for the current mode (training or eval)."""
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
+        """The capacity factor in force for the current mode: ``capacity_factor`` in training, ``eval_capacity_factor`` in eval.
+
+        ``None`` is dropless, so by default evaluation and decoding drop no token and a sentence's
+        output does not depend on the other sentences of its batch.
+        """
+        return self.capacity_factor if self.training else self.eval_capacity_factor
 
     def forward(self, x_TH: Tensor, padding_mask_T: Tensor | None = None) -> RoutingResult:
         """Route a flat batch of tokens.
