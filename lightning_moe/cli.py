@@ -4,7 +4,9 @@
 and data are given by ``class_path`` in the recipe; ``lightning-moe translate --ckpt PATH
 --tgt-lang de [TEXT ...]`` loads a checkpoint (a Lightning checkpoint or a consolidated
 expert-parallel one) and translates; ``lightning-moe prune`` and ``lightning-moe aggregate`` edit
-checkpoints (:mod:`lightning_moe.surgery.commands`). ``python -m lightning_moe`` is the same command.
+checkpoints (:mod:`lightning_moe.surgery.commands`); ``lightning-moe estimate-memory -c RECIPE``
+prints the memory a recipe needs per GPU (:mod:`lightning_moe.strategy.memory_command`).
+``python -m lightning_moe`` is the same command.
 """
 
 from __future__ import annotations
@@ -141,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moe.surgery import commands
 
         raise SystemExit(getattr(commands, SURGERY_COMMANDS[args[0]])(args[1:]))
+    if args and args[0] == "estimate-memory":
+        from lightning_moe.strategy.memory_command import main as estimate_memory_main
+
+        raise SystemExit(estimate_memory_main(args[1:]))
     if args and args[0] == "consolidate":
         from lightning_moe.strategy.consolidate import main as consolidate_main
 
