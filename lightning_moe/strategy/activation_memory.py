@@ -37,9 +37,6 @@ from lightning_moe.models.config import GPTConfig, TransformerConfig
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 MOE_BACKENDS: tuple[str, ...] = ("torch", "triton")
 ACTIVATION_CHECKPOINTING: tuple[str | None, ...] = (None, "full", "experts")
-# torch.utils.checkpoint keeps the CPU generator state (a 5056-byte tensor) and, for CUDA inputs,
-# each device's generator state (16 bytes) to replay dropout in the recomputation.
-CHECKPOINT_RNG_BYTES = 5056 + 16
 _INT64, _INT32, _FP32, _BOOL = 8, 4, 4, 1
 
 
@@ -90,7 +87,8 @@ class ActivationEstimate:
         transient: the largest short-lived extra on top of ``saved``: the logits and their
             float32 copy at the loss, the loss gradient ``[t, V]`` at the start of the backward,
             or one block's gradients (and, with activation checkpointing, its recomputed
-            activations) during the backward.
+            activations) during the backward. Not counted: the generator states a checkpoint
+            keeps to replay dropout (about 5 KB per checkpointed call).
         block_saved: bytes one block of each kind saves without checkpointing (its ledger).
     """
 
@@ -233,6 +231,9 @@ def _moe(led: _Ledger, prefix: str, t: int, s: _Shape, masked: bool = False) -> 
         led.add(f"{prefix} router counts", _FP32 * E)
     if s.dt.norm_out != _FP32:  # bf16-true: the router computes with a float32 copy of its bfloat16 gate
         led.add(f"{prefix} router float32 gate weight", _FP32 * E * D)
+    # With activation_checkpointing="experts" the expert FFN keeps only its inputs (which the
+    # checkpoint saves) and recomputes its hidden activations in the backward.
+    recompute = s.checkpointing == "experts"
     if s.backend == "triton" and s.ep == 1:
         # Fused gather/experts/scatter: token rows, row order and counts, g/u/h of every slot, slots.
         save(x_compute, f"{prefix} expert input (compute dtype)", c * D * t)
@@ -240,19 +241,19 @@ def _moe(led: _Ledger, prefix: str, t: int, s: _Shape, masked: bool = False) -> 
         # per-block histograms and their offsets, counts), which the view keeps alive
         blocks = _router_blocks(t)
         led.add(f"{prefix} row order and router workspace", _INT32 * P + _INT32 * (P + 2 * blocks * K * E + E))
-        hidden = 3 if s.activation == "swiglu" else 2
-        led.add(f"{prefix} expert hidden g/u/h (all T*K slots)", hidden * c * s.F * P)
-        led.add(f"{prefix} expert output slots", c * D * P)
+        if not recompute:
+            hidden = 3 if s.activation == "swiglu" else 2
+            led.add(f"{prefix} expert hidden g/u/h (all T*K slots)", hidden * c * s.F * P)
+            led.add(f"{prefix} expert output slots", c * D * P)
     else:
         led.add(f"{prefix} dispatch indices", 2 * _INT64 * N)
         if s.ep > 1:
             led.add(f"{prefix} regroup index", _INT64 * R)
         led.add(f"{prefix} expert input rows", c * D * R)
-        if s.backend == "torch":
-            if s.checkpointing == "experts":
-                led.add(f"{prefix} expert checkpoint RNG state", CHECKPOINT_RNG_BYTES)
-            else:
-                led.add(f"{prefix} expert hidden", s.ffn_hidden_factor() * c * s.F * R)
+        if recompute:
+            led.add(f"{prefix} expert row counts (checkpoint input)", _INT64 * (E // s.ep))
+        elif s.backend == "torch":
+            led.add(f"{prefix} expert hidden", s.ffn_hidden_factor() * c * s.F * R)
         else:  # triton grouped FFN on received rows
             hidden = 3 if s.activation == "swiglu" else 2
             led.add(f"{prefix} expert hidden g/u/h", hidden * c * s.F * R)
@@ -408,8 +409,8 @@ def estimate_activations(
             kind = f"{stack}/{'moe' if moe else 'dense'}"
             if kind not in block_saved:
                 block_saved[kind] = _block(kind, tokens, s, memory_tokens).total
-            if full:
-                kept = _residual_bytes(s, sinusoidal, after_moe) * s.D * tokens + CHECKPOINT_RNG_BYTES
+            if full:  # the checkpoint saves the block's input
+                kept = _residual_bytes(s, sinusoidal, after_moe) * s.D * tokens
                 parts.add(f"{kind} blocks (checkpointed inputs)", kept)
             else:
                 parts.add(f"{kind} blocks", block_saved[kind])
@@ -417,7 +418,9 @@ def estimate_activations(
     if memory_tokens is not None:
         encoder = _Ledger()
         _norm(encoder, "encoder final norm", memory_tokens, s)
-        if full or not s.dt.autocast:  # one memory tensor read (or kept for recomputation) by every decoder block
+        # One memory tensor read by every decoder block's cross-attention, or kept (with "full"
+        # checkpointing) by every decoder block's recomputation.
+        if full or not s.dt.autocast:
             encoder.add("encoder output (cross-attention memory)", s.dt.norm_out * s.D * memory_tokens)
         parts.add("encoder output", encoder.total)
     head = _Ledger()
@@ -432,9 +435,11 @@ def estimate_activations(
     loss_grad = 2 * _FP32 * V * t  # d(log-probs) and d(logits) in float32
     largest_block = max(block_saved.values(), default=0)
     block_backward = largest_block * (2 if full else 1)  # gradients (+ the recomputed block)
-    if activation_checkpointing == "experts" and s.backend == "torch":
-        hidden = s.ffn_hidden_factor() * c * s.F * s.kept_rows(t)
-        block_backward += hidden
+    if activation_checkpointing == "experts":  # the recomputed expert hidden activations
+        if s.backend == "torch":
+            block_backward += s.ffn_hidden_factor() * c * s.F * s.kept_rows(t)
+        else:
+            block_backward += (3 if s.activation == "swiglu" else 2) * c * s.F * t * s.K + c * s.D * t * s.K
     transient = max(logits, loss_grad, block_backward)
     return ActivationEstimate(
         saved=parts.total,
@@ -479,8 +484,8 @@ class SavedTensorBytes:
     """Measures the bytes autograd saves for the backward inside a ``with`` block.
 
     Counts each storage once (views and repeated saves share it), leaving out the parameters and
-    buffers of ``modules`` (FSDP2's gathered parameters included: they are looked up again when an
-    unknown storage is saved). An exact, independent measure of what a forward keeps for its
+    buffers of ``modules`` (FSDP2's gathered parameters included: they are looked up again whenever
+    a new storage is saved). An exact, independent measure of what a forward keeps for its
     backward; activation checkpointing's kept inputs are not saved tensors and are not seen.
 
     Args:
@@ -511,8 +516,9 @@ class SavedTensorBytes:
         ptr = _storage_ptr(tensor)
         if ptr in self.storages or ptr == 0:
             return tensor
-        if ptr not in self._state_ptrs:
-            self._refresh_state()
+        # Look the parameters up again: FSDP2 frees gathered parameters after a unit's forward and the
+        # allocator may hand their memory to an activation, so an old address proves nothing.
+        self._refresh_state()
         if ptr not in self._state_ptrs:
             nbytes = tensor.untyped_storage().nbytes()
             self.storages[ptr] = (tuple(tensor.shape), tensor.dtype, nbytes)

@@ -173,6 +173,8 @@ class MemoryEstimate:
         optimizer_states: optimizer state on the GPU (0 with CPU offload).
         gathered_units: FSDP2's unsharded parameter copies (and, in the backward, the unsharded
             gradients and reduce buffers) at their peak.
+        gathered_after_forward: unsharded copies still held when the forward ends (``"ddp"``:
+            every unit; ``"fsdp"``: none, each unit is resharded after its forward).
         activations: activations at their peak (``activations_saved`` plus a transient).
         activations_saved: tensors kept for the backward at the end of the forward.
         optimizer_step: the optimizer step's temporary on the GPU.
@@ -192,6 +194,7 @@ class MemoryEstimate:
     gradients: int
     optimizer_states: int
     gathered_units: int
+    gathered_after_forward: int
     activations: int
     activations_saved: int
     optimizer_step: int
@@ -459,6 +462,7 @@ def estimate_memory(
         gradients=gpu_grads,
         optimizer_states=gpu_moments,
         gathered_units=max(units_backward, units_end),
+        gathered_after_forward=0 if fsdp else sum(unit_bytes.values()),
         activations=acts.peak,
         activations_saved=acts.saved,
         optimizer_step=gpu_step,
