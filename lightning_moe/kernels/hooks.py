@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 def triton_route(router: Router, x_TH: Tensor, padding_mask_T: Tensor | None = None) -> RoutingResult:
     """Route with the fused router kernels (same semantics and fields as ``router(x_TH, mask)``).
 
-    Falls back to the torch router where the kernels cannot run (e.g. float64 inputs).
+    Falls back to the torch router where the kernels cannot run (e.g. float64 inputs) and for
+    the routing options the fused kernels do not implement (``router.fused_supported`` is False:
+    sigmoid scores, a correction bias, group-limited top-k, non-default renormalisation or a
+    scaling factor). This is the one place that decides it; the expert kernels then consume the
+    torch routing as they would the fused one.
 
     Args:
         router: the layer's router (weight, top-k, capacity settings, training mode).
@@ -34,7 +38,7 @@ def triton_route(router: Router, x_TH: Tensor, padding_mask_T: Tensor | None = N
         A :class:`~lightning_moe.kernels.router.TritonRoutingResult` (a :class:`RoutingResult`
         that also carries the expert-sorted permutation), or the torch router's result.
     """
-    if unavailable_reason(x_TH.device, x_TH.dtype) is not None or x_TH.shape[0] == 0:
+    if not router.fused_supported or unavailable_reason(x_TH.device, x_TH.dtype) is not None or x_TH.shape[0] == 0:
         return router(x_TH, padding_mask_T)
     from lightning_moe.kernels.router import fused_route
 

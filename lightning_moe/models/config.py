@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_moe.moe.router import validate_router_options
+
 POSITIONS = ("sinusoidal", "learned")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 MOE_BACKENDS = ("auto", "torch", "triton")
@@ -44,6 +46,14 @@ class _ModelConfig:
     moe_backend: str = "auto"
     expert_ffn_size: int | None = None  # None: d_ff
     num_shared_experts: int = 0
+    # router options (lightning_moe.moe.Router); the defaults are GShard/DeepSpeed routing
+    score_function: str = "softmax"  # "softmax" | "sigmoid"
+    normalize_top_k: bool | None = None  # None: renormalise for top_k >= 2 only
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1  # group-limited top-k: experts in this many groups
+    top_groups: int | None = None  # groups a token may choose from (None: all)
+    expert_bias: bool = False  # per-expert correction bias, used for selection only
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step (ExpertBiasUpdate callback)
 
     def _validate_common(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
@@ -89,6 +99,11 @@ class _ModelConfig:
                 f"aux_loss_weight={self.aux_loss_weight} and z_loss_weight={self.z_loss_weight} must be >= 0; "
                 "use 0 to turn a loss off"
             )
+        if self.num_experts > 0:
+            validate_router_options(
+                self.num_experts, self.top_k, self.score_function, self.routed_scaling_factor, self.expert_groups,
+                self.top_groups, self.expert_bias, self.bias_update_rate,
+            )  # fmt: skip
 
     def _moe_indices(self, n_layers: int, explicit: list[int] | None, field: str) -> list[int]:
         """Which of ``n_layers`` layers are MoE, from an explicit list or from ``moe_every``."""
@@ -133,6 +148,13 @@ class _ModelConfig:
             "activation": self.activation,
             "backend": self.moe_backend,
             "num_shared_experts": self.num_shared_experts,
+            "score_function": self.score_function,
+            "normalize_top_k": self.normalize_top_k,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "expert_groups": self.expert_groups,
+            "top_groups": self.top_groups,
+            "expert_bias": self.expert_bias,
+            "bias_update_rate": self.bias_update_rate,
         }
 
     # --- parameter arithmetic ---------------------------------------------------------------------
@@ -195,6 +217,14 @@ class TransformerConfig(_ModelConfig):
         moe_backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         expert_ffn_size: hidden width of each expert; ``None`` uses ``d_ff``.
         num_shared_experts: shared experts every token passes through (0 = off).
+        score_function: router scores, ``"softmax"`` or ``"sigmoid"``.
+        normalize_top_k: renormalise the kept router weights; ``None``: only for ``top_k >= 2``.
+        routed_scaling_factor: constant factor on the routed experts' combine weights.
+        expert_groups: expert groups of group-limited top-k (1 = off).
+        top_groups: groups a token may choose its experts from (``None`` = all).
+        expert_bias: per-expert correction bias for expert selection (aux-loss-free balancing).
+        bias_update_rate: step of the bias update after each optimizer step (add the
+            :class:`~lightning_moe.callbacks.ExpertBiasUpdate` callback); 0 keeps it fixed.
 
     Raises:
         ValueError: on an inconsistent setting, naming the value and the fix.
@@ -276,6 +306,14 @@ class GPTConfig(_ModelConfig):
         moe_backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         expert_ffn_size: hidden width of each expert; ``None`` uses ``d_ff``.
         num_shared_experts: shared experts every token passes through (0 = off).
+        score_function: router scores, ``"softmax"`` or ``"sigmoid"``.
+        normalize_top_k: renormalise the kept router weights; ``None``: only for ``top_k >= 2``.
+        routed_scaling_factor: constant factor on the routed experts' combine weights.
+        expert_groups: expert groups of group-limited top-k (1 = off).
+        top_groups: groups a token may choose its experts from (``None`` = all).
+        expert_bias: per-expert correction bias for expert selection (aux-loss-free balancing).
+        bias_update_rate: step of the bias update after each optimizer step (add the
+            :class:`~lightning_moe.callbacks.ExpertBiasUpdate` callback); 0 keeps it fixed.
 
     Raises:
         ValueError: on an inconsistent setting, naming the value and the fix.

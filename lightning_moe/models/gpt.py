@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_moe.models.config import GPTConfig
+from lightning_moe.models.sampling import generate_tokens
 from lightning_moe.models.transformer import DecoderCache, LayerCache, TransformerBlock, make_positions
 from lightning_moe.moe import MoE
 
@@ -102,28 +103,7 @@ class GPT(nn.Module):
         Returns:
             ``[B, T + n]`` ids, prompt included, ``n <= max_new_tokens``.
         """
-        cache = self.new_cache()
-        ids_BT = input_ids_BT
-        new_BT = input_ids_BT
-        finished_B = torch.zeros(ids_BT.shape[0], dtype=torch.bool, device=ids_BT.device)
-        for _ in range(max_new_tokens):
-            logits_BV = self(new_BT, cache=cache)[:, -1].float()
-            if temperature == 0:
-                next_B = logits_BV.argmax(-1)
-            else:
-                logits_BV = logits_BV / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1])).values[:, -1:]
-                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-                next_B = torch.multinomial(torch.softmax(logits_BV, -1), 1)[:, 0]
-            if eos_id is not None:
-                next_B = torch.where(finished_B, torch.full_like(next_B, eos_id), next_B)
-                finished_B = finished_B | (next_B == eos_id)
-            new_BT = next_B[:, None]
-            ids_BT = torch.cat([ids_BT, new_BT], dim=1)
-            if eos_id is not None and bool(finished_B.all()):
-                break
-        return ids_BT
+        return generate_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, eos_id)
 
     def moe_layers(self) -> Iterator[MoE]:
         """The MoE layers, in layer order."""

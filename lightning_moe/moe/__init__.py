@@ -1,5 +1,6 @@
 """The MoE layer: router, dispatcher, grouped experts."""
 
+from lightning_moe.moe.balancing import balanced_routers, update_expert_biases
 from lightning_moe.moe.dispatch import ExpertParallelGroup, TokenDispatcher
 from lightning_moe.moe.experts import GroupedExperts, grouped_mm
 from lightning_moe.moe.layer import MoE, MoEStats, moe_layers
@@ -13,7 +14,9 @@ __all__ = [
     "Router",
     "RoutingResult",
     "TokenDispatcher",
+    "balanced_routers",
     "compute_capacity",
     "grouped_mm",
     "moe_layers",
+    "update_expert_biases",
 ]

@@ -71,6 +71,18 @@ class MoE(nn.Module):
             kernels) or ``"auto"`` (Triton on CUDA, torch elsewhere).
         num_shared_experts: DeepSeek-style shared experts every token passes through (0 = off);
             they form one dense FFN of width ``num_shared_experts * ffn_hidden_size``.
+        shared_expert_ffn_size: width of that shared FFN when it is not
+            ``num_shared_experts * ffn_hidden_size`` (Qwen2-MoE); ``None`` uses that product.
+        shared_expert_gate: scale the shared FFN's output per token by ``sigmoid(x @ g)``, with
+            ``g`` a learned ``[1, H]`` weight (Qwen2-MoE).
+        score_function: router scores, ``"softmax"`` or ``"sigmoid"`` (see :class:`Router`).
+        normalize_top_k: renormalise the kept weights; ``None``: only when ``top_k >= 2``.
+        routed_scaling_factor: constant factor on the routed experts' combine weights.
+        expert_groups: expert groups of group-limited top-k (1 = off).
+        top_groups: groups each token may choose from (``None`` = all).
+        expert_bias: a per-expert correction bias used for expert selection only.
+        bias_update_rate: aux-loss-free balancing step of that bias, applied by
+            :func:`~lightning_moe.moe.update_expert_biases` after each optimizer step (0 = fixed).
 
     Raises:
         ValueError: on an invalid configuration, naming the value and the fix.
@@ -97,11 +109,21 @@ class MoE(nn.Module):
         activation: str = "swiglu",
         backend: str = "auto",
         num_shared_experts: int = 0,
+        shared_expert_ffn_size: int | None = None,
+        shared_expert_gate: bool = False,
+        score_function: str = "softmax",
+        normalize_top_k: bool | None = None,
+        routed_scaling_factor: float = 1.0,
+        expert_groups: int = 1,
+        top_groups: int | None = None,
+        expert_bias: bool = False,
+        bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
         _validate(
             hidden_size, ffn_hidden_size, num_experts, top_k, capacity_factor, eval_capacity_factor,
             min_capacity, router_jitter, aux_loss_weight, z_loss_weight, activation, backend, num_shared_experts,
+            shared_expert_ffn_size, shared_expert_gate,
         )  # fmt: skip
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -112,13 +134,17 @@ class MoE(nn.Module):
         self.backend = backend
         self.router = Router(
             hidden_size, num_experts, top_k, capacity_factor, eval_capacity_factor,
-            min_capacity, random_token_selection, router_jitter,
+            min_capacity, random_token_selection, router_jitter, score_function, normalize_top_k,
+            routed_scaling_factor, expert_groups, top_groups, expert_bias, bias_update_rate,
         )  # fmt: skip
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation)
+        if shared_expert_ffn_size is None:
+            shared_expert_ffn_size = ffn_hidden_size * num_shared_experts
         self.shared_experts = (
-            GroupedExperts(1, hidden_size, ffn_hidden_size * num_shared_experts, activation)
-            if num_shared_experts > 0
-            else None
+            GroupedExperts(1, hidden_size, shared_expert_ffn_size, activation) if num_shared_experts > 0 else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate and num_shared_experts > 0 else None
         )
         self.dispatcher = TokenDispatcher(num_experts)
         self.expert_offset = 0
@@ -248,6 +274,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 shared = self.shared_experts.expert_forward(0, x_compute_TH)
+                if self.shared_expert_gate is not None:
+                    gate_T1 = torch.sigmoid(x_compute_TH @ self.shared_expert_gate.weight.to(shared.dtype).t())
+                    shared = shared * gate_T1
             if mask_T is not None:
                 shared = shared * (~mask_T)[:, None].to(shared.dtype)
             y_TH = y_TH + shared
@@ -291,6 +320,8 @@ def _validate(
     activation: str,
     backend: str,
     num_shared_experts: int,
+    shared_expert_ffn_size: int | None,
+    shared_expert_gate: bool,
 ) -> None:
     if hidden_size < 1:
         raise ValueError(f"hidden_size={hidden_size} must be a positive integer")
@@ -322,6 +353,13 @@ def _validate(
         raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
     if num_shared_experts < 0:
         raise ValueError(f"num_shared_experts={num_shared_experts} must be >= 0 (0 turns shared experts off)")
+    if shared_expert_ffn_size is not None and shared_expert_ffn_size < 1:
+        raise ValueError(
+            f"shared_expert_ffn_size={shared_expert_ffn_size} must be positive, or None for "
+            "num_shared_experts * ffn_hidden_size"
+        )
+    if shared_expert_gate and num_shared_experts == 0:
+        raise ValueError("shared_expert_gate=True needs a shared expert; set num_shared_experts >= 1")
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
