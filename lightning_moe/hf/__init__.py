@@ -9,7 +9,7 @@
 from lightning_moe.hf.families import SUPPORTED_MODEL_TYPES, UPCYCLED_FAMILY, adapter_for
 from lightning_moe.hf.io import load_hf_tokenizer
 from lightning_moe.hf.load import checkpoint_dtype, hf_decoder_config, is_hf_directory, load_hf_model, load_hf_weights
-from lightning_moe.hf.save import save_hf_model
+from lightning_moe.hf.save import hf_state_dict, save_hf_model
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -17,6 +17,7 @@ __all__ = [
     "adapter_for",
     "checkpoint_dtype",
     "hf_decoder_config",
+    "hf_state_dict",
     "is_hf_directory",
     "load_hf_model",
     "load_hf_tokenizer",

@@ -13,7 +13,8 @@ expert layouts:
 - fused (transformers 5 in memory, ``save_original_format=False``): ``{moe}.experts.gate_up_proj``
   ``[E, 2F, H]`` (gate rows first) and ``{moe}.experts.down_proj`` ``[E, H, F]``;
 - ours: ``mlp.experts.w1``/``w3`` ``[E, H, F]`` and ``w2`` ``[E, F, H]`` (transposed: a grouped
-  GEMM multiplies rows by ``w[e]``), the router ``mlp.router.weight`` ``[E, H]`` (HF: ``gate.weight``)
+  GEMM multiplies rows by ``w[e]``), dense FFNs ``mlp.w1``/``w3``/``w2`` (HF:
+  ``mlp.gate_proj``/``up_proj``/``down_proj``), the router ``mlp.router.weight`` ``[E, H]`` (HF: ``gate.weight``)
   and its correction bias ``mlp.router.expert_bias`` (HF: ``gate.e_score_correction_bias``), shared
   experts ``mlp.shared_experts.w*`` ``[1, ...]`` (HF: a dense MLP).
 
@@ -335,6 +336,9 @@ class FamilyAdapter:
             if match and f"layers.{match.group(1)}.mlp" in local:
                 layer, rest = int(match.group(1)), match.group(2)
                 entry = self._moe_entry(config, layout, layer, rest, shapes, local[f"layers.{layer}.mlp"])
+            elif dense := re.fullmatch(r"layers\.(\d+)\.mlp\.(w[123])\.weight", key):
+                proj = _DENSE_NAMES[{"w1": 0, "w3": 1, "w2": 2}[dense.group(2)]]
+                entry = TensorMap((key,), {f"model.layers.{dense.group(1)}.mlp.{proj}.weight": shape}, "copy")
             elif key == "lm_head.weight":
                 entry = TensorMap((key,), {key: shape}, "copy")
             else:

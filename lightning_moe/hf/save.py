@@ -46,6 +46,30 @@ def _full_state(model: MoEDecoder) -> tuple[dict[str, Tensor], dict[str, tuple[i
     return state, local, sharded
 
 
+def hf_state_dict(model: MoEDecoder, layout: str = "per_expert") -> dict[str, Tensor]:
+    """The model's tensors under their Hugging Face names (all experts local; views, not copies).
+
+    ``layout="fused"`` gives the names and shapes of a transformers 5 model's own ``state_dict``, so
+    ``hf_model.load_state_dict(hf_state_dict(model, "fused"))`` copies our weights into it.
+
+    Raises:
+        ValueError: if the model's experts are sharded over ranks (use :func:`save_hf_model`).
+    """
+    state, local, sharded = _full_state(model)
+    if sharded:
+        raise ValueError(
+            "the experts are sharded over ranks; hf_state_dict needs all experts (save_hf_model writes shards)"
+        )
+    full = {prefix: (0, n) for prefix, (_, n) in local.items()}
+    entries = adapter_for(model.config.family).plan(
+        model.config, layout, {k: tuple(v.shape) for k, v in state.items()}, full
+    )
+    tensors: dict[str, Tensor] = {}
+    for entry in entries:
+        tensors.update(entry.save(state))
+    return tensors
+
+
 def save_hf_model(
     model: MoEDecoder,
     path: str | os.PathLike,
@@ -79,11 +103,7 @@ def save_hf_model(
     hf_config["torch_dtype"] = dtype_name(out_dtype)
     out = Path(path)
     if not sharded:
-        full = {prefix: (0, n) for prefix, (_, n) in local.items()}
-        entries = adapter.plan(config, layout, {k: tuple(v.shape) for k, v in state.items()}, full)
-        tensors: dict[str, Tensor] = {}
-        for entry in entries:
-            tensors.update(entry.save(state))
+        tensors = hf_state_dict(model, layout)
         if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
             write_safetensors(out, _cast(tensors, out_dtype), max_shard_bytes)
             write_config(out, hf_config)
@@ -165,4 +185,4 @@ def _save_expert_sharded(
     dist.barrier()
 
 
-__all__ = ["save_hf_model"]
+__all__ = ["hf_state_dict", "save_hf_model"]

@@ -5,7 +5,8 @@ heads, Hd head width, R rotary dimensions, C latent (compressed) width, V vocabu
 
 Pre-norm blocks: ``x = x + attn(rmsnorm(x)); x = x + ffn(rmsnorm(x))``, where ``attn`` is
 grouped-query attention with rotary positions (optional q/k norms, biases and clipping) or
-DeepSeek's multi-head latent attention, and ``ffn`` is a dense SwiGLU or a
+DeepSeek's multi-head latent attention, and ``ffn`` is a dense SwiGLU
+(:class:`~lightning_moe.models.FeedForward`, the function of one expert) or a
 :class:`~lightning_moe.moe.MoE` layer (so the Triton kernels, expert parallelism and the router
 options apply). Parameter names follow the Hugging Face checkpoints' (``embed_tokens``,
 ``layers.{i}.self_attn.q_proj``, ``layers.{i}.mlp``, ``norm``, ``lm_head``), which keeps the
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from lightning_moe.models.decoder_config import DecoderConfig
 from lightning_moe.models.rope import apply_rope, rope_cos_sin, rope_frequencies, yarn_mscale
 from lightning_moe.models.sampling import generate_tokens
-from lightning_moe.models.transformer import DecoderCache, KVCache, LayerCache
+from lightning_moe.models.transformer import DecoderCache, FeedForward, KVCache, LayerCache
 from lightning_moe.moe import MoE
 
 
@@ -41,20 +42,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-class SwiGLU(nn.Module):
-    """Dense FFN ``down(silu(gate(x)) * up(x))`` (the function of one expert)."""
-
-    def __init__(self, d_model: int, d_ff: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Apply the FFN; ``padding_mask`` is accepted for symmetry with MoE and unused."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _attend(q_BNTd: Tensor, k_BNSd: Tensor, v_BNSd: Tensor, scale: float) -> Tensor:
@@ -203,7 +190,9 @@ class DecoderBlock(nn.Module):
         self.input_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.self_attn: Attention | LatentAttention = LatentAttention(config) if config.is_mla else Attention(config)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mlp: MoE | SwiGLU = MoE(**config.moe_kwargs()) if moe else SwiGLU(config.d_model, config.d_ff)
+        self.mlp: MoE | FeedForward = (
+            MoE(**config.moe_kwargs()) if moe else FeedForward(config.d_model, config.d_ff, "swiglu")
+        )
 
     @property
     def is_moe(self) -> bool:
@@ -336,4 +325,4 @@ class MoEDecoder(nn.Module):
         return total
 
 
-__all__ = ["Attention", "DecoderBlock", "LatentAttention", "MoEDecoder", "RMSNorm", "SwiGLU"]
+__all__ = ["Attention", "DecoderBlock", "LatentAttention", "MoEDecoder", "RMSNorm"]
