@@ -66,7 +66,7 @@ class DecoderConfig:
         bias_update_rate: aux-loss-free balancing step of that bias (0 keeps it fixed).
         capacity_factor: ``None`` (dropless, what the published models compute) or a training
             capacity factor.
-        eval_capacity_factor: capacity factor in eval; ``None`` uses ``capacity_factor``.
+        eval_capacity_factor: capacity factor in eval and decoding; ``None`` is dropless.
         min_capacity: lower bound on slots per expert in capacity mode.
         random_token_selection: Random Token Selection in capacity mode.
         router_jitter: multiplicative router input jitter, training only.
