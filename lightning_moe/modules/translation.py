@@ -20,13 +20,13 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
-from torchmetrics.text import BLEUScore, CHRFScore
 from typing_extensions import override
 
 from lightning_moe.models import EncoderDecoderTransformer, TransformerConfig, beam_search, greedy_search
 from lightning_moe.modules.losses import label_smoothed_nll
 from lightning_moe.modules.optim import SCHEDULES, adamw_from_hparams
 from lightning_moe.modules.tokenizer_state import tokenizer_from_state, tokenizer_to_state
+from lightning_moe.modules.translation_metrics import CorpusStatistics, translation_scores
 
 _CHECKPOINT_KEY = "lightning_moe"
 
@@ -42,14 +42,17 @@ class MultitaskTranslationModule(LightningModule):
     Logged: ``train/loss`` (= ``train/ce`` + ``train/aux_loss``), ``train/ce`` (label-smoothed),
     ``train/nll``, ``train/aux_loss``, ``train/lr``; ``val/loss`` (token NLL without smoothing) and
     ``val/ppl`` overall and ``val/loss_<direction>`` per direction; at the end of validation, for a
-    fixed subset of each direction, ``val/bleu`` and ``val/chrf`` (averaged over directions) and
-    ``val/bleu_<direction>``, ``val/chrf_<direction>`` from beam search, and the same with
-    ``_greedy`` for greedy search (``val/bleu_greedy`` ...). Test uses the ``test/`` prefix.
+    fixed subset of each direction, ``val/bleu``, ``val/chrf`` and ``val/chrfpp`` and per direction
+    ``val/bleu_<direction>``, ``val/chrf_<direction>``, ``val/chrfpp_<direction>`` from beam search,
+    and the same with ``_greedy`` for greedy search (``val/bleu_greedy`` ...). Test uses the
+    ``test/`` prefix.
 
-    BLEU and chrF are torchmetrics' ``BLEUScore`` (4-gram, add-one smoothing, whitespace tokenization
-    of the detokenized text; ``val/bleu`` is corpus BLEU over all directions' sentences pooled, since
-    BLEU is 0 whenever one n-gram order has no match, which is common for a few short sentences) and ``CHRFScore`` (character 6-grams, word 2-grams, beta 2), reported
-    on a 0-100 scale.
+    BLEU, chrF and chrF++ are sacreBLEU's (:mod:`lightning_moe.modules.translation_metrics`): corpus
+    BLEU with the ``13a`` tokenizer (``zh`` for Chinese, ``char`` for Japanese and Thai), chrF
+    (character 6-grams, beta 2) as ``chrf`` and chrF++ (plus word 2-grams) as ``chrfpp``, on a 0-100
+    scale. Per direction each is the corpus score of that direction's sentences; ``val/bleu`` is
+    corpus BLEU over every direction's sentences pooled (their n-gram statistics summed),
+    ``val/chrf`` and ``val/chrfpp`` the mean over directions.
 
     Args:
         d_model: model width.
@@ -406,35 +409,32 @@ class MultitaskTranslationModule(LightningModule):
         if directions is None:  # denoising directions are named "xx-xx"
             directions = [d for d in self.directions if d.split("-")[0] != d.split("-")[-1]]
         searches = {"": self.hparams["beam_size"], "_greedy": 1}
-        scores: dict[str, dict[str, list[float]]] = {kind: {"bleu": [], "chrf": []} for kind in searches}
-        pooled: dict[str, tuple[list[str], list[list[str]]]] = {kind: ([], []) for kind in searches}
+        means: dict[str, dict[str, list[float]]] = {kind: {"chrf": [], "chrfpp": []} for kind in searches}
+        pooled = {kind: CorpusStatistics() for kind in searches}
         for direction in directions:
             examples = examples_fn(direction, self.hparams["num_eval_examples"])
             if not examples:
                 continue
             sources = [src for src, _ in examples]
-            references = [[ref] for _, ref in examples]
+            references = [ref for _, ref in examples]
             tgt_lang = direction.split("-")[-1]
             for kind, beam in searches.items():
                 hypotheses = self._translate_ids(self._encode_sources(sources, tgt_lang), beam)
-                bleu = 100.0 * float(BLEUScore(smooth=True)(hypotheses, references))
-                chrf = 100.0 * float(CHRFScore()(hypotheses, references))
-                self.log(f"{prefix}/bleu{kind}_{direction}", bleu, sync_dist=True)
-                self.log(f"{prefix}/chrf{kind}_{direction}", chrf, sync_dist=True)
-                scores[kind]["bleu"].append(bleu)
-                scores[kind]["chrf"].append(chrf)
-                pooled[kind][0].extend(hypotheses)
-                pooled[kind][1].extend(references)
-        for kind, by_metric in scores.items():
+                scores = translation_scores(hypotheses, references, tgt_lang)
+                pooled[kind].add(hypotheses, references, tgt_lang)
+                for metric, value in scores.items():
+                    self.log(f"{prefix}/{metric}{kind}_{direction}", value, sync_dist=True)
+                    if metric in means[kind]:
+                        means[kind][metric].append(value)
+        for kind, by_metric in means.items():
             if not by_metric["chrf"]:
                 continue
-            chrf_mean = sum(by_metric["chrf"]) / len(by_metric["chrf"])
+            for metric, values in by_metric.items():
+                show = kind == "" and metric == "chrf"
+                self.log(f"{prefix}/{metric}{kind}", sum(values) / len(values), prog_bar=show, sync_dist=True)
             # Corpus BLEU over every direction's sentences together: a few short sentences of one
-            # direction rarely share a 4-gram with their references, and BLEU is 0 whenever one
-            # n-gram order has no match at all (smoothing or not).
-            bleu_pooled = 100.0 * float(BLEUScore(smooth=True)(*pooled[kind]))
-            self.log(f"{prefix}/chrf{kind}", chrf_mean, prog_bar=kind == "", sync_dist=True)
-            self.log(f"{prefix}/bleu{kind}", bleu_pooled, prog_bar=kind == "", sync_dist=True)
+            # direction rarely share 4-grams with their references.
+            self.log(f"{prefix}/bleu{kind}", pooled[kind].bleu(), prog_bar=kind == "", sync_dist=True)
 
     # ------------------------------------------------------------------ inference
 
