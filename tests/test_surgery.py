@@ -21,6 +21,7 @@ from lightning_moe.surgery import (
     select_experts,
     translation_usage,
 )
+from lightning_moe.surgery.checkpoints import num_experts_of
 from lightning_moe.surgery.usage import translation_batches, translation_examples
 
 E = 8
@@ -164,7 +165,7 @@ def test_prune_per_direction_and_cli(ckpt, tmp_path, capsys):
     saved = load_checkpoint_dict(out)
     assert saved["lightning_moe_surgery"][-1]["kept"] == expected
     assert saved["lightning_moe_surgery"][-1]["direction"] == "de-en"
-    assert saved["hyper_parameters"]["num_experts"] == 4
+    assert num_experts_of(saved["hyper_parameters"]) == 4
     assert saved["optimizer_states"] == [] and "loops" not in saved
     assert set(json.loads(usage_json.read_text())) == set(expected)
     # Every command loads the result: translate here, fit/validate through load_from_checkpoint below.
@@ -220,7 +221,7 @@ def test_aggregate_with_itself_has_union_shapes_and_trains(ckpt, tmp_path, tmp_p
         main(["aggregate", "--ckpt", str(ckpt), "--ckpt", str(ckpt), "--out", str(out)])
     assert exit_info.value.code == 0
     source, merged = load_checkpoint_dict(ckpt), load_checkpoint_dict(out)
-    assert merged["hyper_parameters"]["num_experts"] == 2 * E
+    assert num_experts_of(merged["hyper_parameters"]) == 2 * E
     assert merged["optimizer_states"] == [] and merged["lr_schedulers"] == []
     for key, tensor in source["state_dict"].items():
         if key.endswith(("router.weight", "experts.w1", "experts.w2")):
