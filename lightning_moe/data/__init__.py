@@ -14,6 +14,7 @@ from lightning_moe.data.datamodule import TASK_DENOISING, TASK_TRANSLATION, Mult
 from lightning_moe.data.languages import ISO_639_1, check_language
 from lightning_moe.data.noise import masked_token_count, span_mask
 from lightning_moe.data.sampling import TemperatureSampler, temperature_probabilities
+from lightning_moe.data.text import TextDataModule, load_tokenizer_json, read_text_jsonl
 from lightning_moe.data.tokenizer import SPECIAL_TOKENS, Tokenizer, lang_tag
 
 __all__ = [
@@ -26,15 +27,18 @@ __all__ = [
     "MultilingualDataModule",
     "ParallelExample",
     "TemperatureSampler",
+    "TextDataModule",
     "Tokenizer",
     "bundled_corpus_dir",
     "check_language",
     "hash_split",
     "lang_tag",
+    "load_tokenizer_json",
     "masked_token_count",
     "read_corpus",
     "read_jsonl",
     "read_line_aligned",
+    "read_text_jsonl",
     "span_mask",
     "temperature_probabilities",
 ]

@@ -219,6 +219,11 @@ class TensorMap:
     expert_offset: int = 0
     num_local: int = 0
 
+    @property
+    def is_expert(self) -> bool:
+        """Whether this entry holds routed experts (sliced per rank under expert parallelism)."""
+        return self.kind in ("experts", "gate_up", "down")
+
     def load(self, files: Any, targets: dict[str, Tensor]) -> None:
         """Copy this entry's tensors from ``files`` into ``targets`` (our local tensors, by key)."""
         names = list(self.hf)

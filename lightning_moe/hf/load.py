@@ -129,16 +129,27 @@ def _fail(what: str, items: list[str], path: str | os.PathLike, fix: str) -> Non
 
 
 @torch.no_grad()
-def load_hf_weights(model: MoEDecoder, path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
+def load_hf_weights(
+    model: MoEDecoder,
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    *,
+    experts: bool = True,
+    non_experts: bool = True,
+) -> None:
     """Fill ``model``'s parameters from the safetensors files of ``path``, checking every tensor.
 
     Parameters still on the ``meta`` device are first allocated on ``device``. Each MoE layer gets
-    its local experts ``[expert_offset, expert_offset + num_local_experts)`` only.
+    its local experts ``[expert_offset, expert_offset + num_local_experts)`` only. Every tensor
+    name and shape is checked whatever is loaded.
 
     Args:
         model: a :class:`~lightning_moe.models.MoEDecoder` whose ``config.family`` is the directory's.
         path: the Hugging Face model directory.
         device: where meta parameters are allocated.
+        experts: load the routed experts' weights.
+        non_experts: load every other tensor. A module loads these before the strategy shards the
+            experts, and the experts after it, so that no rank reads every expert.
 
     Raises:
         ValueError: naming the missing, unexpected or mis-shaped tensors; nothing is loaded then.
@@ -192,8 +203,11 @@ def load_hf_weights(model: MoEDecoder, path: str | os.PathLike, device: torch.de
                 full[key] = torch.empty(target.shape, dtype=target.dtype, device=target.to_local().device)
         fill = {**targets, **full}
         for entry in entries:
-            entry.load(files, fill)
+            if experts if entry.is_expert else non_experts:
+                entry.load(files, fill)
         for key, tensor in full.items():
+            if not non_experts:
+                break
             target = targets[key]
             assert isinstance(target, DTensor)
             target.to_local().copy_(distribute_tensor(tensor, target.device_mesh, target.placements).to_local())
