@@ -5,7 +5,10 @@ and data are given by ``class_path`` in the recipe; ``lightning-moe translate --
 --tgt-lang de [TEXT ...]`` loads a checkpoint (a Lightning checkpoint or a consolidated
 expert-parallel one) and translates; ``lightning-moe prune`` and ``lightning-moe aggregate`` edit
 checkpoints (:mod:`lightning_moe.surgery.commands`); ``lightning-moe estimate-memory -c RECIPE``
-prints the memory a recipe needs per GPU (:mod:`lightning_moe.strategy.memory_command`).
+prints the memory a recipe needs per GPU (:mod:`lightning_moe.strategy.memory_command`);
+``lightning-moe convert`` moves models between Hugging Face directories and checkpoints
+(:mod:`lightning_moe.hf.convert_command`) and ``lightning-moe upcycle`` turns a dense model into an
+MoE one (:mod:`lightning_moe.surgery.upcycle_command`).
 ``python -m lightning_moe`` is the same command.
 """
 
@@ -143,6 +146,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lightning_moe.surgery import commands
 
         raise SystemExit(getattr(commands, SURGERY_COMMANDS[args[0]])(args[1:]))
+    if args and args[0] == "convert":
+        from lightning_moe.hf.convert_command import main as convert_main
+
+        raise SystemExit(convert_main(args[1:]))
+    if args and args[0] == "upcycle":
+        from lightning_moe.surgery.upcycle_command import main as upcycle_main
+
+        raise SystemExit(upcycle_main(args[1:]))
     if args and args[0] == "estimate-memory":
         from lightning_moe.strategy.memory_command import main as estimate_memory_main
 
