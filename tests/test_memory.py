@@ -340,6 +340,81 @@ def test_fsdp_padding_hand_computed():
     assert est.local_parameters_count == expected
 
 
+_SHARD_CASES = {
+    2: [
+        dict(P=2, mode="fsdp", model=dict()),
+        dict(P=1, mode="fsdp", model=dict(activation="gelu", num_shared_experts=1)),
+        dict(P=2, mode="ddp", model=dict(moe_every=1)),
+    ],
+    4: [
+        dict(P=1, mode="fsdp", model=dict(num_experts=2, top_k=1)),  # 2 experts over D = 4: split on dim 2
+        dict(P=2, mode="fsdp", model=dict(moe_every=1, vocab_size=64)),
+    ],
+}
+
+
+def _shard_worker(world: int) -> None:
+    """Each rank's bytes of parameter storage after the strategy's parallelize, against the estimate."""
+    import torch.distributed as dist
+    from lightning_moe.strategy.parallelize import ParallelizeConfig, parallelize
+    from torch import nn
+    from torch.distributed.tensor import DTensor
+
+    from lightning_moe.strategy.mesh import ParallelDims
+
+    dist.init_process_group("gloo")
+    out = []
+    for case in _SHARD_CASES[world]:
+        config = gpt_config(**case["model"])
+        holder = nn.Module()
+        holder.model = GPT(config)
+        dims = ParallelDims(world, case["P"], 1, case["mode"])
+        parallelize(holder, ParallelizeConfig(dims=dims, mesh=dims.build_mesh("cpu")))
+        storages = {}
+        for param in holder.parameters():  # FSDP2 keeps each padded shard in its own storage
+            local = param.to_local() if isinstance(param, DTensor) else param
+            storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        estimate = estimate_memory(
+            config, batch_size=1, seq_len=8, world_size=world, expert_parallel_size=case["P"],
+            data_parallel=case["mode"], precision="32-true",
+        )  # fmt: skip
+        out.append((str(case), sum(storages.values()), estimate.parameters))
+    if dist.get_rank() == 0:
+        print(json.dumps(out))
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_estimated_shards_are_the_strategy_shards(world):
+    pytest.importorskip("lightning_moe.strategy.parallelize")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone",
+           __file__, "shards", str(world)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, measured, estimated in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert measured == estimated, case
+
+
+@pytest.mark.distributed
+def test_memory_check_script_through_the_strategy(tmp_path):
+    """benchmarks/memory_check.py --cpu-smoke: the strategy's training steps save what the ledger says."""
+    pytest.importorskip("lightning_moe.strategy.parallelize")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory_check.py"), "--cpu-smoke", "--no-search",
+           "--cases", "ddp,fsdp+ac_full", "--out-dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "memory_check.json").read_text())
+    assert (tmp_path / "memory_check.csv").exists()
+    assert [r["name"] for r in report["results"]] == ["ddp", "fsdp+ac_full"]
+    for result in report["results"]:
+        assert result["ok"], result.get("error")
+        saved = result["steps"][1]["saved_tensor_bytes"]  # the second step, through FSDP2 (world 1, gloo)
+        assert saved == result["estimate"]["activations_saved"], result["name"]
+
+
 def test_cpu_offload_moves_states_to_pinned_host_memory():
     config = gpt_config(moe_every=1)
     on_gpu = estimate_memory(config, batch_size=2, seq_len=8, world_size=1, precision="32-true")
@@ -412,10 +487,6 @@ def test_recipe_with_nested_config_is_read():
     assert (config.d_model, config.n_layers, config.num_experts, config.vocab_size) == (64, 2, 4, 100)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["checkpointing"]:  # the TRITON_INTERPRET=1 child
-    print(json.dumps(_checkpointing_cases(sys.argv[2])))
-
-
 def test_docs_memory_examples_run_and_match_the_tables():
     import re
 
@@ -435,3 +506,9 @@ def test_docs_memory_examples_run_and_match_the_tables():
     rows = paper["rows"]
     assert rows[448][1] < 39 < rows[512][1]  # largest without offload among the rows: E = 448
     assert rows[1536][4] < 112.5 < rows[1536][3] < 128 < rows[2048][3]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["checkpointing"]:  # the TRITON_INTERPRET=1 child
+    print(json.dumps(_checkpointing_cases(sys.argv[2])))
+if __name__ == "__main__" and sys.argv[1:2] == ["shards"]:  # a torchrun rank
+    _shard_worker(int(sys.argv[2]))
