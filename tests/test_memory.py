@@ -29,7 +29,7 @@ from lightning_moe.modules.losses import label_smoothed_nll
 from lightning_moe.moe.layer import moe_layers
 from lightning_moe.strategy.activation_memory import SavedTensorBytes, estimate_activations
 from lightning_moe.strategy.memory import estimate_memory, parameter_tensors, shard_numel
-from lightning_moe.strategy.memory_command import model_config_from_recipe
+from lightning_moe.strategy.memory_command import MODULE_CONFIGS, model_config_from_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T = 3, 10
@@ -443,7 +443,25 @@ def test_bad_layouts_are_named():
 # the command
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def _recipe_module(path: Path) -> str:
+    return yaml.safe_load(path.read_text())["model"]["class_path"].rpartition(".")[2]
+
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ESTIMATED = [p.name for p in RECIPES if _recipe_module(p) in MODULE_CONFIGS]
+
+
+def test_recipes_of_other_modules_are_refused_by_name(capsys):
+    others = [p for p in RECIPES if _recipe_module(p) not in MODULE_CONFIGS]  # e.g. hf_finetune (CausalLMModule)
+    for path in others:
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["estimate-memory", "-c", str(path)])
+        assert exc.value.code == 2
+        assert f"{_recipe_module(path)}' is not one of" in capsys.readouterr().err
+    assert ESTIMATED, "no shipped recipe of LanguageModelModule or MultitaskTranslationModule"
+
+
+@pytest.mark.parametrize("recipe", ESTIMATED)
 def test_estimate_memory_command_on_shipped_recipes(recipe, capsys):
     path = ROOT / "recipes" / recipe
     with pytest.raises(SystemExit) as exc:
