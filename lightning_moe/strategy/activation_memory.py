@@ -16,10 +16,14 @@ its output and a float32 logsumexp per head and query, never the ``[T, S]`` prob
 Precision (the strategy's, with FSDP2 gathering parameters in the compute dtype):
 
 - ``32-true``: everything float32; a LayerNorm output is saved once however many Linears read it.
-- ``bf16-mixed``: bfloat16 parameters under ``torch.autocast``. LayerNorm runs in float32 (it saves
-  a float32 input and makes a float32 output) and every Linear that reads a float32 tensor casts it
-  again (autocast caches casts of parameters only), so q, k and v projections keep three bfloat16
-  copies of the normalised input. Routers stay in float32.
+- ``bf16-mixed``, as the strategy runs it: FSDP2 gathers bfloat16 parameters and casts the floating
+  inputs of every unit (a block, an MoE layer's experts) to bfloat16, under ``torch.autocast``.
+  So every block starts from a bfloat16 residual stream, even after an MoE layer whose output is
+  float32, and a decoder block gets its own bfloat16 copy of the encoder memory. LayerNorm runs in
+  float32 (it saves a float32 input and makes a float32 output) and every Linear that reads a
+  float32 tensor casts it again (autocast caches casts of parameters only), so q, k and v
+  projections keep three bfloat16 copies of the normalised input. Routers stay in float32. This
+  precision is measured on the GPU only (benchmarks/memory_check.py): CPU autocast differs.
 - ``bf16-true``: everything bfloat16 except the router's float32 logits.
 """
 
@@ -47,7 +51,7 @@ class _Dtypes:
     compute: int  # matmul inputs and outputs, attention, expert rows
     norm_in: int  # the input a LayerNorm saves
     norm_out: int  # a LayerNorm's output
-    autocast: bool  # each Linear reading a float32 tensor saves its own cast copy
+    autocast: bool  # each Linear reading a float32 tensor saves its own cast copy; FSDP2 casts unit inputs
 
     @classmethod
     def of(cls, precision: str) -> _Dtypes:
@@ -175,8 +179,8 @@ def _attention(
     else:
         _normed_for_linears(led, f"{prefix} q input", t, s, 1)
         kv = kv_tokens
-        if s.dt.autocast:  # each layer's k and v projections cast the float32 memory again
-            led.add(f"{prefix} k/v input (2 autocast copies of the memory)", 2 * c * s.D * kv)
+        if s.dt.autocast:  # FSDP2 handed the block a bfloat16 copy of the memory (k and v read it)
+            led.add(f"{prefix} k/v input (the block's bfloat16 copy of the memory)", c * s.D * kv)
         elif not shared_memory:
             led.add(f"{prefix} k/v input (the memory)", s.dt.norm_out * s.D * kv)
     led.add(f"{prefix} q and SDPA output", 2 * c * s.D * t)
@@ -329,18 +333,6 @@ def _shape(
     )
 
 
-def _residual_bytes(s: _Shape, sinusoidal: bool, after_moe: bool) -> int:
-    """Bytes of a residual-stream element at a block input (what a full checkpoint keeps).
-
-    Under autocast the stream is bfloat16 (embeddings of bfloat16 parameters) until a float32 term
-    joins it: a sinusoidal position table (a float32 buffer) or an MoE layer's output, which the
-    layer returns in its float32 input's dtype.
-    """
-    if not s.dt.autocast:
-        return s.dt.compute
-    return _FP32 if sinusoidal or after_moe else s.dt.compute
-
-
 def estimate_activations(
     config: GPTConfig | TransformerConfig,
     *,
@@ -380,7 +372,6 @@ def estimate_activations(
     s = _shape(config, precision, moe_backend, activation_checkpointing, expert_parallel_size)
     t = batch_size * seq_len
     V = config.vocab_size
-    sinusoidal = config.positions == "sinusoidal"
     full = activation_checkpointing == "full"
     if isinstance(config, GPTConfig):
         moe_layers = set(config.moe_indices())
@@ -404,24 +395,29 @@ def estimate_activations(
 
     block_saved: dict[str, int] = {}
     for stack, tokens, is_moe in stacks:
-        after_moe = False
         for moe in is_moe:
             kind = f"{stack}/{'moe' if moe else 'dense'}"
             if kind not in block_saved:
                 block_saved[kind] = _block(kind, tokens, s, memory_tokens).total
             if full:  # the checkpoint saves the block's input
-                kept = _residual_bytes(s, sinusoidal, after_moe) * s.D * tokens
+                # (float32 for 32-true, else bfloat16: bf16-mixed's FSDP2 casts block inputs)
+                kept = s.dt.compute * s.D * tokens
                 parts.add(f"{kind} blocks (checkpointed inputs)", kept)
             else:
                 parts.add(f"{kind} blocks", block_saved[kind])
-            after_moe = after_moe or moe
     if memory_tokens is not None:
         encoder = _Ledger()
         _norm(encoder, "encoder final norm", memory_tokens, s)
         # One memory tensor read by every decoder block's cross-attention, or kept (with "full"
-        # checkpointing) by every decoder block's recomputation.
-        if full or not s.dt.autocast:
+        # checkpointing) by every decoder block's recomputation; under bf16-mixed each decoder
+        # block holds its own bfloat16 copy (counted in the block, or here with "full").
+        if not s.dt.autocast:
             encoder.add("encoder output (cross-attention memory)", s.dt.norm_out * s.D * memory_tokens)
+        elif full:
+            n_decoder = len(stacks[-1][2])
+            encoder.add(
+                "bfloat16 memory copies (decoder checkpoint inputs)", n_decoder * s.dt.compute * s.D * memory_tokens
+            )
         parts.add("encoder output", encoder.total)
     head = _Ledger()
     _head(head, t, V, s, label_smoothing=isinstance(config, TransformerConfig))
