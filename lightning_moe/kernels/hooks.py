@@ -39,7 +39,7 @@ def triton_route(router: Router, x_TH: Tensor, padding_mask_T: Tensor | None = N
         that also carries the expert-sorted permutation), or the torch router's result.
     """
     if not router.fused_supported or unavailable_reason(x_TH.device, x_TH.dtype) is not None or x_TH.shape[0] == 0:
-        return router(x_TH, padding_mask_T)
+        return router.route_reference(x_TH, padding_mask_T)
     from lightning_moe.kernels.router import fused_route
 
     with torch.autocast(device_type=x_TH.device.type, enabled=False):
@@ -72,39 +72,20 @@ def expert_sorted_pairs(expert_indices_TK: Tensor, kept_TK: Tensor, num_experts:
 
 
 def triton_moe_experts(moe: MoE, x_TH: Tensor, routing: RoutingResult) -> tuple[Tensor, Tensor]:
-    """Experts and combine of a MoE layer on the fused grouped GEMMs.
+    """Experts and combine of a MoE layer as ``MoE.forward`` runs them (the Triton path where it can).
 
     Without expert parallelism the token gather, the slot scatter and the weighted combine are
-    fused into the kernels. Under expert parallelism (``moe.dispatcher.ep`` set) the dispatcher's
-    all-to-all moves the rows and the grouped GEMMs run on the received, expert-contiguous rows.
+    fused into the kernels (:meth:`~lightning_moe.moe.GroupedExperts.fused_forward`). Under expert
+    parallelism the dispatcher's all-to-all moves the rows and the grouped GEMMs run on the
+    received, expert-contiguous rows. Where the kernels cannot run (e.g. float64) this is the
+    reference path.
 
     Args:
-        moe: the layer (its experts, dispatcher and activation).
+        moe: the layer.
         x_TH: ``[T, H]`` tokens in the compute dtype.
         routing: the routing of these tokens.
 
     Returns:
         ``(y_TH, kept_per_expert_E)``: the combined output and this rank's kept pairs per global expert.
     """
-    from lightning_moe.kernels.moe_ffn import grouped_ffn, moe_experts
-    from lightning_moe.kernels.router import TritonRoutingResult
-
-    experts = moe.experts
-    with torch.autocast(device_type=x_TH.device.type, enabled=False):
-        if unavailable_reason(x_TH.device, x_TH.dtype) is not None or x_TH.shape[0] == 0:
-            # e.g. float64: the reference path, exactly as backend="torch" runs it.
-            rows, counts_L, kept_E, state = moe.dispatcher.dispatch(x_TH, routing)
-            return moe.dispatcher.combine(experts(rows, counts_L), state), kept_E
-        if moe.dispatcher.ep is not None:
-            rows_RH, counts_L, kept_E, state = moe.dispatcher.dispatch(x_TH, routing)
-            out_RH = grouped_ffn(rows_RH, counts_L, experts.w1, experts.w3, experts.w2, experts.activation)
-            return moe.dispatcher.combine(out_RH, state), kept_E
-        if isinstance(routing, TritonRoutingResult) and routing.row_pair is not None:
-            row_pair_P, kept_E = routing.row_pair, routing.kept_per_expert
-        else:
-            row_pair_P, kept_E = expert_sorted_pairs(routing.expert_indices, routing.kept, moe.num_experts)
-        y_TH = moe_experts(
-            x_TH, routing.weights, routing.kept, row_pair_P, kept_E,
-            experts.w1, experts.w3, experts.w2, experts.activation,
-        )  # fmt: skip
-        return y_TH, kept_E
+    return moe._experts_step(x_TH, routing)

@@ -4,7 +4,10 @@ Legend: N dispatched rows (expert-contiguous), H hidden, F ffn, E local experts.
 
 Weights are stacked per expert (``w1_EHF``, ``w3_EHF``, ``w2_EFH``), not a ModuleList of
 Linear layers, so a grouped GEMM runs every expert in one call and a checkpoint can key each
-expert's slice by its global index.
+expert's slice by its global index. Under expert parallelism the weights are DTensors of global
+shape ``[E, ...]`` sharded on the expert-parallel mesh dimension; the methods here compute with
+this rank's experts (``to_local()``). Every computation that reads the weights is a method of
+the module (``forward``, ``fused_forward``) so that FSDP2 gathers them first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_moe.moe.backend import local_tensor, uses_triton, validate_backend
+from lightning_moe.moe.router import RoutingResult
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 
@@ -65,12 +71,23 @@ class GroupedExperts(nn.Module):
         hidden_size: H.
         ffn_hidden_size: F.
         activation: ``"swiglu"`` (``w2(silu(x w1) * x w3)``), ``"gelu"`` or ``"relu"`` (``w2(act(x w1))``).
+        backend: ``"torch"`` (grouped ``torch`` matmuls), ``"triton"`` (the fused grouped GEMMs
+            where they run) or ``"auto"`` (Triton on CUDA).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str = "swiglu") -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        activation: str = "swiglu",
+        backend: str = "torch",
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; choose one of {ACTIVATIONS}")
+        validate_backend(backend)
+        self.backend = backend
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.ffn_hidden_size = ffn_hidden_size
@@ -90,8 +107,21 @@ class GroupedExperts(nn.Module):
         if self.w3 is not None:
             nn.init.normal_(self.w3, std=1.0 / math.sqrt(self.hidden_size))
 
+    def local_weights(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(w1, w3, w2)`` of this rank's experts (``w3`` is None without SwiGLU)."""
+        w3 = None if self.w3 is None else local_tensor(self.w3)
+        return local_tensor(self.w1), w3, local_tensor(self.w2)
+
+    def uses_triton(self, x: Tensor) -> bool:
+        """Whether the fused kernels run on ``x`` (backend, device and dtype)."""
+        if not uses_triton(self.backend, x):
+            return False
+        from lightning_moe.kernels.availability import unavailable_reason
+
+        return unavailable_reason(x.device, x.dtype) is None
+
     def forward(self, x_NH: Tensor, counts_E: Tensor) -> Tensor:
-        """Run each expert on its contiguous block of rows.
+        """Run each (local) expert on its contiguous block of rows.
 
         Args:
             x_NH: ``[N, H]`` rows sorted by local expert.
@@ -100,24 +130,54 @@ class GroupedExperts(nn.Module):
         Returns:
             ``[N, H]`` expert outputs, row-aligned with ``x_NH``.
         """
+        w1, w3, w2 = self.local_weights()
+        if x_NH.shape[0] > 0 and self.uses_triton(x_NH):
+            from lightning_moe.kernels.moe_ffn import grouped_ffn
+
+            return grouped_ffn(x_NH, counts_E, w1, w3, w2, self.activation)
         dtype = x_NH.dtype
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        w1, w2 = w1.to(dtype), w2.to(dtype)
         h_NF = grouped_mm(x_NH, w1, counts_E)
-        if self.activation == "swiglu":
-            h_NF = F.silu(h_NF) * grouped_mm(x_NH, self.w3.to(dtype), counts_E)
+        if w3 is not None:
+            h_NF = F.silu(h_NF) * grouped_mm(x_NH, w3.to(dtype), counts_E)
         elif self.activation == "gelu":
             h_NF = F.gelu(h_NF)
         else:
             h_NF = F.relu(h_NF)
         return grouped_mm(h_NF, w2, counts_E)
 
+    def fused_forward(self, x_TH: Tensor, routing: RoutingResult) -> tuple[Tensor, Tensor]:
+        """Every expert local: gather, expert FFN, scatter and combine in the fused kernels.
+
+        Only where :meth:`uses_triton` is True for ``x_TH`` and all experts are on this rank.
+
+        Args:
+            x_TH: ``[T, H]`` tokens in the compute dtype.
+            routing: the router's decision for them.
+
+        Returns:
+            ``(y_TH, kept_per_expert_E)``: the weighted mixture and the kept pairs per expert.
+        """
+        from lightning_moe.kernels.hooks import expert_sorted_pairs
+        from lightning_moe.kernels.moe_ffn import moe_experts
+        from lightning_moe.kernels.router import TritonRoutingResult
+
+        if isinstance(routing, TritonRoutingResult) and routing.row_pair is not None:
+            row_pair_P, kept_E = routing.row_pair, routing.kept_per_expert
+        else:
+            row_pair_P, kept_E = expert_sorted_pairs(routing.expert_indices, routing.kept, self.num_experts)
+        w1, w3, w2 = self.local_weights()
+        y_TH = moe_experts(x_TH, routing.weights, routing.kept, row_pair_P, kept_E, w1, w3, w2, self.activation)
+        return y_TH, kept_E
+
     def expert_forward(self, e: int, x_TH: Tensor) -> Tensor:
-        """One expert on arbitrary rows (a readable reference for tests)."""
-        h = x_TH @ self.w1[e]
-        if self.activation == "swiglu":
-            h = F.silu(h) * (x_TH @ self.w3[e])
+        """Local expert ``e`` on arbitrary rows (a readable reference for tests, and shared experts)."""
+        w1, w3, w2 = self.local_weights()
+        h = x_TH @ w1[e]
+        if w3 is not None:
+            h = F.silu(h) * (x_TH @ w3[e])
         elif self.activation == "gelu":
             h = F.gelu(h)
         else:
             h = F.relu(h)
-        return h @ self.w2[e]
+        return h @ w2[e]

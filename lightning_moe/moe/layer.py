@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from lightning_moe.moe.backend import BACKENDS, validate_backend
 from lightning_moe.moe.dispatch import ExpertParallelGroup, TokenDispatcher
 from lightning_moe.moe.experts import ACTIVATIONS, GroupedExperts
-from lightning_moe.moe.router import Router
-
-BACKENDS = ("auto", "torch", "triton")
+from lightning_moe.moe.router import Router, RoutingResult
 
 
 @dataclass
@@ -49,6 +49,14 @@ class MoE(nn.Module):
     contribute 0 (the surrounding residual connection carries them). After every forward,
     ``moe.aux_loss`` holds the weighted load-balancing + z-loss (add it to the training loss) and
     ``moe.last_stats`` the :class:`MoEStats` for monitoring.
+
+    The forward is the data path of shared/DESIGN.md: ``router`` (a :class:`Router`), then
+    ``dispatcher`` (:class:`TokenDispatcher`: permutation and, under expert parallelism, the
+    all-to-all), ``experts`` (:class:`GroupedExperts`), and the dispatcher's combine. Each stage
+    picks the torch reference or the Triton kernels from ``backend`` inside its own module, so
+    FSDP2 and activation checkpointing apply to every stage. With ``recompute_experts = True``
+    the expert FFN is recomputed in the backward (its hidden activations are not kept) while the
+    routing and the all-to-all are not repeated.
 
     Args:
         hidden_size: H, model width.
@@ -131,13 +139,12 @@ class MoE(nn.Module):
         self.top_k = top_k
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
-        self.backend = backend
         self.router = Router(
             hidden_size, num_experts, top_k, capacity_factor, eval_capacity_factor,
             min_capacity, random_token_selection, router_jitter, score_function, normalize_top_k,
-            routed_scaling_factor, expert_groups, top_groups, expert_bias, bias_update_rate,
+            routed_scaling_factor, expert_groups, top_groups, expert_bias, bias_update_rate, backend,
         )  # fmt: skip
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, activation, backend)
         if shared_expert_ffn_size is None:
             shared_expert_ffn_size = ffn_hidden_size * num_shared_experts
         self.shared_experts = (
@@ -148,13 +155,50 @@ class MoE(nn.Module):
         )
         self.dispatcher = TokenDispatcher(num_experts)
         self.expert_offset = 0
+        self.recompute_experts = False
         self.aux_loss: Tensor | None = None
         self.last_stats: MoEStats | None = None
 
     @property
+    def backend(self) -> str:
+        """``"auto"``, ``"torch"`` or ``"triton"``: the implementation of the router and the experts."""
+        return self.experts.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        validate_backend(value)
+        self.router.backend = self.experts.backend = value
+
+    @property
     def num_local_experts(self) -> int:
         """Experts held by this rank (all of them without expert parallelism)."""
-        return self.experts.num_experts
+        return self.dispatcher.num_local_experts
+
+    @property
+    def expert_parallel(self) -> ExpertParallelGroup | None:
+        """The expert-parallel group tokens are exchanged over (``None``: every expert is local)."""
+        return self.dispatcher.ep
+
+    def set_expert_parallel(self, ep: ExpertParallelGroup) -> None:
+        """Exchange tokens over ``ep`` from now on; this rank computes experts ``[rank * L, (rank + 1) * L)``.
+
+        The expert weights must already hold those experts: plain ``[L, ...]`` tensors (as
+        :meth:`shard_experts` leaves them) or DTensors of global shape ``[E, ...]`` sharded on
+        dim 0 over ``ep`` (as :func:`lightning_moe.strategy.parallelize` makes them).
+
+        Args:
+            ep: the expert-parallel group and this rank's place in it.
+
+        Raises:
+            ValueError: if ``num_experts`` is not divisible by the group size.
+        """
+        if self.num_experts % ep.size != 0:
+            raise ValueError(
+                f"num_experts={self.num_experts} is not divisible by expert_parallel_size={ep.size}; "
+                f"choose an expert_parallel_size that divides {self.num_experts}"
+            )
+        self.dispatcher = TokenDispatcher(self.num_experts, ep)
+        self.expert_offset = ep.rank * (self.num_experts // ep.size)
 
     def shard_experts(self, ep: ExpertParallelGroup) -> None:
         """Keep only this rank's experts and exchange tokens over ``ep.group`` from now on.
@@ -189,8 +233,7 @@ class MoE(nn.Module):
                 if param is not None:
                     setattr(experts, name, nn.Parameter(param[start : start + L].clone()))
         experts.num_experts = L
-        self.expert_offset = start
-        self.dispatcher = TokenDispatcher(self.num_experts, ep)
+        self.set_expert_parallel(ep)
 
     def unshard_experts(self) -> None:
         """Gather every expert back from the expert-parallel group (the inverse of :meth:`shard_experts`).
@@ -215,13 +258,6 @@ class MoE(nn.Module):
         experts.num_experts = self.num_experts
         self.expert_offset = 0
         self.dispatcher = TokenDispatcher(self.num_experts)
-
-    def _use_triton(self, x: Tensor) -> bool:
-        if self.backend == "torch" or (self.backend == "auto" and not x.is_cuda):
-            return False
-        from lightning_moe.kernels import triton_available
-
-        return triton_available(x.device, warn=self.backend == "triton")
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Apply the layer.
@@ -255,22 +291,8 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
         x_compute_TH = x_TH.to(compute_dtype)  # experts run in the autocast dtype; the router stays fp32
-        use_triton = self._use_triton(x)
-        if use_triton:
-            from lightning_moe.kernels import triton_route
-
-            routing = triton_route(self.router, x_TH, mask_T)
-        else:
-            routing = self.router(x_TH, mask_T)
-        if use_triton:
-            from lightning_moe.kernels import triton_moe_experts
-
-            y_TH, kept_E = triton_moe_experts(self, x_compute_TH, routing)
-        else:
-            rows, counts_L, kept_E, state = self.dispatcher.dispatch(x_compute_TH, routing)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                out_rows = self.experts(rows, counts_L)
-            y_TH = self.dispatcher.combine(out_rows, state)
+        routing = self.router(x_TH, mask_T)
+        y_TH, kept_E = self._experts_step(x_compute_TH, routing)
         if self.shared_experts is not None:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 shared = self.shared_experts.expert_forward(0, x_compute_TH)
@@ -293,6 +315,21 @@ class MoE(nn.Module):
             z_loss=routing.z_loss.detach().float(),
         )
         return y_TH.to(x.dtype).view(x.shape)
+
+    def _experts_step(self, x_TH: Tensor, routing: RoutingResult) -> tuple[Tensor, Tensor]:
+        """Dispatch, expert FFN and combine: ``(y_TH, kept_per_expert_E)``."""
+        with torch.autocast(device_type=x_TH.device.type, enabled=False):
+            if self.dispatcher.ep is None and x_TH.shape[0] > 0 and self.experts.uses_triton(x_TH):
+                # Every expert local: gather, FFN, scatter and combine fused in the kernels.
+                return self._recomputable(self.experts.fused_forward, x_TH, routing)
+            rows_RH, counts_L, kept_E, state = self.dispatcher.dispatch(x_TH, routing)
+            out_RH = self._recomputable(self.experts, rows_RH, counts_L)
+            return self.dispatcher.combine(out_RH, state), kept_E
+
+    def _recomputable(self, fn, *args):  # type: ignore[no-untyped-def]
+        if self.recompute_experts and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @torch.no_grad()
     def reference_forward(self, x_TH: Tensor, routing_weights_TK: Tensor, expert_indices_TK: Tensor) -> Tensor:

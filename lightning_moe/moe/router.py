@@ -28,8 +28,10 @@ Options the published MoE families need (defaults keep the behaviour above):
   load)``.
 
 The fused Triton router implements the default options only; :attr:`Router.fused_supported`
-says whether a router can use it, and the MoE layer's Triton path routes with this reference
-otherwise (in one place: :func:`lightning_moe.kernels.triton_route`).
+says whether a router can use it. ``Router(backend="triton")`` (or ``"auto"`` on CUDA) runs the
+fused kernels from its own ``forward`` and this reference otherwise (the one place that decides
+it is :func:`lightning_moe.kernels.triton_route`); :meth:`Router.route_reference` is always the
+reference.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from lightning_moe.moe.backend import uses_triton, validate_backend
 
 
 @dataclass
@@ -139,6 +143,8 @@ class Router(nn.Module):
             scores when selecting experts.
         bias_update_rate: step of the aux-loss-free bias update (DeepSeek-V3: 0.001); 0 keeps
             the bias fixed. Needs ``expert_bias=True``.
+        backend: ``"torch"`` (this reference), ``"triton"`` (the fused kernels where they run)
+            or ``"auto"`` (Triton on CUDA).
 
     Raises:
         ValueError: on an invalid option, naming it and the fix.
@@ -161,8 +167,10 @@ class Router(nn.Module):
         top_groups: int | None = None,
         expert_bias: bool = False,
         bias_update_rate: float = 0.0,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
+        validate_backend(backend)
         validate_router_options(
             num_experts, top_k, score_function, routed_scaling_factor, expert_groups, top_groups, expert_bias,
             bias_update_rate,
@@ -181,6 +189,7 @@ class Router(nn.Module):
         self.expert_groups = expert_groups
         self.top_groups = expert_groups if top_groups is None else top_groups
         self.bias_update_rate = bias_update_rate
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.expert_bias: Tensor | None
         self.expert_load: Tensor | None
@@ -264,15 +273,23 @@ class Router(nn.Module):
         return torch.topk(select_TE, self.top_k, dim=-1).indices
 
     def forward(self, x_TH: Tensor, padding_mask_T: Tensor | None = None) -> RoutingResult:
-        """Route a flat batch of tokens.
+        """Route a flat batch of tokens with this router's backend.
 
         Args:
             x_TH: ``[T, H]`` tokens.
             padding_mask_T: optional ``[T]`` bool, True marks padding tokens (not routed, not counted).
 
         Returns:
-            The :class:`RoutingResult`.
+            The :class:`RoutingResult` (the fused router's carries the expert-sorted permutation too).
         """
+        if uses_triton(self.backend, x_TH):
+            from lightning_moe.kernels import triton_route
+
+            return triton_route(self, x_TH, padding_mask_T)
+        return self.route_reference(x_TH, padding_mask_T)
+
+    def route_reference(self, x_TH: Tensor, padding_mask_T: Tensor | None = None) -> RoutingResult:
+        """Route with the plain PyTorch reference, whatever the backend (arguments as :meth:`forward`)."""
         T = x_TH.shape[0]
         E, K = self.num_experts, self.top_k
         valid_T = torch.ones(T, dtype=torch.bool, device=x_TH.device) if padding_mask_T is None else ~padding_mask_T
