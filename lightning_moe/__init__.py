@@ -1,6 +1,6 @@
 """lightning_moe: Mixture-of-Experts training for PyTorch Lightning."""
 
-from lightning_moe.callbacks import LoadBalanceMonitor
+from lightning_moe.callbacks import LoadBalanceMonitor, NonFiniteGuard
 from lightning_moe.models import (
     GPT,
     EncoderDecoderTransformer,
@@ -23,6 +23,7 @@ __all__ = [
     "MoE",
     "MoEStats",
     "MultitaskTranslationModule",
+    "NonFiniteGuard",
     "TransformerConfig",
     "beam_search",
     "consolidate_checkpoint",

@@ -9,13 +9,17 @@ from lightning_moe.io.atomic import (
     recover_directory,
 )
 from lightning_moe.io.checkpoint_io import AtomicCheckpointIO
+from lightning_moe.io.checkpoint_loader import CheckpointLoadError, checkpoint_file, load_checkpoint
 
 __all__ = [
     "AtomicCheckpointIO",
     "AtomicDirectory",
+    "CheckpointLoadError",
     "atomic_directory",
     "atomic_file",
     "atomic_save",
+    "checkpoint_file",
     "fsync_directory",
+    "load_checkpoint",
     "recover_directory",
 ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -11,6 +13,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from typing_extensions import override
 
 from lightning_moe.io.atomic import atomic_save
+from lightning_moe.io.checkpoint_loader import CheckpointLoadError, read_checkpoint_file
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -21,7 +24,9 @@ def _is_local(path: _PATH) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint file atomically beside its destination (see :mod:`lightning_moe.io.atomic`).
+    """Write each checkpoint file atomically beside its destination, and read files safely.
+
+    Writes: see :mod:`lightning_moe.io.atomic`.
 
     Lightning's default writes through an fsspec transaction whose temporary file lives in
     ``$TMPDIR``; where that is another filesystem (a tmpfs) the final move is a copy, and a kill
@@ -30,8 +35,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     destination, so a kill at any moment leaves the previous checkpoint loadable. Remote paths
     (``s3://`` and other fsspec protocols) keep Lightning's behaviour.
 
-    The ``lightning-moe`` command and :class:`~lightning_moe.ExpertParallelStrategy` use it by
-    default; with a plain ``Trainer`` pass ``Trainer(plugins=[AtomicCheckpointIO()])``.
+    Reads: a local file is loaded with ``weights_only=True`` and the project's allowlist
+    (:mod:`lightning_moe.io.checkpoint_loader`), so resuming from an untrusted file cannot run code,
+    and a missing, empty, truncated or foreign file raises a one-line
+    :class:`~lightning_moe.io.CheckpointLoadError`; only an explicit ``weights_only=False`` trusts the
+    file with the full unpickler.
+
+    The ``lightning-moe`` command uses it by default; with a plain ``Trainer`` pass
+    ``Trainer(plugins=[AtomicCheckpointIO()])``.
     """
 
     @override
@@ -50,3 +61,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_save(checkpoint, os.fspath(path))
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Read a checkpoint file safely (see the class docstring).
+
+        Args:
+            path: the checkpoint file.
+            map_location: where tensors go, as in ``torch.load``.
+            weights_only: ``False`` trusts the file (full unpickler); ``None`` or ``True``: the allowlist.
+
+        Returns:
+            The checkpoint dict.
+
+        Raises:
+            CheckpointLoadError: if the file is missing, empty, truncated or holds foreign objects.
+        """
+        if weights_only is False or not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        p = Path(os.fspath(path))
+        if not p.is_file():
+            raise CheckpointLoadError(
+                f"checkpoint {str(path)!r} does not exist or is not a file; pass the path of a .ckpt file"
+            )
+        return read_checkpoint_file(p, map_location)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_moe.io.checkpoint_loader import record_module
 from lightning_moe.models import DecoderConfig, MoEDecoder
 from lightning_moe.modules.optim import SCHEDULES, adamw_from_hparams
 
@@ -145,6 +146,7 @@ class CausalLMModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint holds the weights and the resolved config: loading it needs no directory.
         checkpoint.setdefault("hyper_parameters", {})["pretrained"] = None
+        record_module(checkpoint, self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -184,7 +186,7 @@ class CausalLMModule(LightningModule):
         return nll, (labels != IGNORE_INDEX).sum()
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         nll, num_tokens = self._token_nll(batch)
         ce = nll / num_tokens.clamp_min(1)
         aux = self._require_model().moe_aux_loss()
@@ -193,7 +195,8 @@ class CausalLMModule(LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-        return ce + aux
+        # The parts ride along (detached) for callbacks such as NonFiniteGuard, which checks each one.
+        return {"loss": ce + aux, "ce": ce.detach(), "aux_loss": aux.detach()}
 
     @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

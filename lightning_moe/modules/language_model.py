@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_moe.io.checkpoint_loader import record_module
 from lightning_moe.models import GPT, GPTConfig
 from lightning_moe.modules.optim import SCHEDULES, adamw_from_hparams
 from lightning_moe.modules.tokenizer_state import tokenizer_from_state, tokenizer_to_state
@@ -169,6 +170,7 @@ class LanguageModelModule(LightningModule):
             "tokenizer": None if self.tokenizer is None else tokenizer_to_state(self.tokenizer),
             "vocab_size": None if self.model is None else self.model.config.vocab_size,
         }
+        record_module(checkpoint, self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -204,14 +206,15 @@ class LanguageModelModule(LightningModule):
         return {"loss": ce + aux, "ce": ce, "aux_loss": aux}
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         losses = self.training_losses(batch)
         batch_size = batch["input_ids"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-        return losses["loss"]
+        # The parts ride along (detached) for callbacks such as NonFiniteGuard, which checks each one.
+        return {name: value if name == "loss" else value.detach() for name, value in losses.items()}
 
     def _eval_step(self, batch: dict[str, Tensor]) -> None:
         nll, num_tokens = self._token_nll(batch)

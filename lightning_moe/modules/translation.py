@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_moe.io.checkpoint_loader import record_module
 from lightning_moe.models import EncoderDecoderTransformer, TransformerConfig, beam_search, greedy_search
 from lightning_moe.modules.losses import label_smoothed_nll
 from lightning_moe.modules.optim import SCHEDULES, adamw_from_hparams
@@ -259,6 +260,7 @@ class MultitaskTranslationModule(LightningModule):
             "directions": list(self.directions),
             "vocab_size": None if self.model is None else self.model.config.vocab_size,
         }
+        record_module(checkpoint, self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -321,14 +323,15 @@ class MultitaskTranslationModule(LightningModule):
         return {"loss": ce + aux, "ce": ce, "nll": nll_BL.sum() / num_tokens, "aux_loss": aux}
 
     @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         losses = self.training_losses(batch)
         batch_size = batch["src_ids"].shape[0]
         for name, value in losses.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
-        return losses["loss"]
+        # The parts ride along (detached) for callbacks such as NonFiniteGuard, which checks each one.
+        return {name: value if name == "loss" else value.detach() for name, value in losses.items()}
 
     @override
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
@@ -503,13 +506,21 @@ class MultitaskTranslationModule(LightningModule):
             max_length: most generated tokens; ``None`` uses ``eval_max_length``.
 
         Returns:
-            The translations, in order.
+            The translations, in order; an empty (or whitespace-only) text translates to ``""``.
 
         Raises:
             ValueError: if the tokenizer has no tag for ``tgt_lang``.
         """
         beam = self.hparams["beam_size"] if beam_size is None else beam_size
-        return self._translate_ids(self._encode_sources(list(texts), tgt_lang), beam, max_length)
+        texts = list(texts)
+        # An empty source has nothing to translate; decoding it would make the model invent a sentence.
+        filled = [i for i, text in enumerate(texts) if text.strip()]
+        outputs = [""] * len(texts)
+        if filled:
+            decoded = self._translate_ids(self._encode_sources([texts[i] for i in filled], tgt_lang), beam, max_length)
+            for i, line in zip(filled, decoded, strict=True):
+                outputs[i] = line
+        return outputs
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +42,10 @@ class SurgeryError(ValueError):
 def load_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Read a Lightning checkpoint as one dict: a ``.ckpt`` file, or an expert-sharded directory (consolidated).
 
+    Reads through :func:`lightning_moe.io.load_checkpoint`: weights-only with the project's allowlist (a
+    checkpoint from an untrusted source cannot run code) and a one-line error for a missing, empty,
+    truncated or foreign file.
+
     Args:
         path: the checkpoint file or the directory written by
             :class:`~lightning_moe.ExpertParallelStrategy`.
@@ -51,17 +54,12 @@ def load_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
         The checkpoint dict, every expert stacked ``[E, ...]`` under the model's own keys.
 
     Raises:
-        SurgeryError: if ``path`` does not exist or holds no model weights.
+        CheckpointLoadError: if ``path`` is missing, unreadable, holds no model weights or non-finite ones
+            (a ``ValueError``, like :class:`SurgeryError`).
     """
-    from lightning_moe.strategy.checkpoint import load_checkpoint
+    from lightning_moe.io.checkpoint_loader import load_checkpoint
 
-    if not Path(path).exists():
-        raise SurgeryError(f"checkpoint {str(path)!r} does not exist; pass the path of a .ckpt file or directory")
-    # Lightning checkpoints hold hyper-parameters and tokenizer states (plain Python objects).
-    checkpoint = load_checkpoint(path, weights_only=False)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise SurgeryError(f"{path} is not a Lightning checkpoint (no 'state_dict'); pass a .ckpt written by a Trainer")
-    return checkpoint
+    return load_checkpoint(path)
 
 
 def save_checkpoint_dict(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
