@@ -90,7 +90,7 @@ def test_parameter_kinds_and_units():
     by_name = {p.name: p for p in parameter_tensors(config)}
     assert by_name["blocks.1.ffn.experts.w1"].kind == "expert"
     assert by_name["blocks.1.ffn.experts.w1"].unit == "blocks.1.ffn.experts"
-    assert by_name["blocks.1.ffn.router.weight"].unit == "blocks.1.ffn.router"
+    assert by_name["blocks.1.ffn.router.weight"].unit == "blocks.1"
     assert by_name["blocks.1.ffn.shared_experts.w1"].kind == "dense"  # non-expert in the placement table
     assert by_name["blocks.1.ffn.shared_experts.w1"].unit == "blocks.1"
     assert by_name["embed.weight"].unit == by_name["norm.bias"].unit == "root"

@@ -252,13 +252,20 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, max_positions: int, d_model: int) -> None:
         super().__init__()
+        self.register_buffer("table", torch.empty(max_positions, d_model), persistent=False)
+        self.max_positions = max_positions
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute the table, e.g. after ``to_empty`` from the meta device."""
+        max_positions, d_model = self.table.shape
         position = torch.arange(max_positions, dtype=torch.float32)[:, None]
         inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
         table = torch.zeros(max_positions, d_model)
         table[:, 0::2] = torch.sin(position * inv_freq)
         table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
-        self.register_buffer("table", table, persistent=False)
-        self.max_positions = max_positions
+        self.table.copy_(table)
 
     def forward(self, start: int, length: int) -> Tensor:
         """Encodings of positions ``[start, start + length)``, ``[length, D]``."""
@@ -272,8 +279,13 @@ class LearnedPositions(nn.Module):
     def __init__(self, max_positions: int, d_model: int, std: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(max_positions, d_model))
-        nn.init.normal_(self.weight, std=std)
+        self.std = std
         self.max_positions = max_positions
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``N(0, std)``."""
+        nn.init.normal_(self.weight, std=self.std)
 
     def forward(self, start: int, length: int) -> Tensor:
         """Embeddings of positions ``[start, start + length)``, ``[length, D]``."""

@@ -63,6 +63,16 @@ def grouped_mm(x_NH: Tensor, w_EHF: Tensor, counts_E: Tensor) -> Tensor:
     return out_NF
 
 
+def _dense_ffn_all(x_NH: Tensor, w1_EHF: Tensor, w3_EHF: Tensor | None, w2_EFH: Tensor, activation: str) -> Tensor:
+    """Every expert on every row, summed over experts (used for zero rows only: the result is ``[0, H]``)."""
+    h_NEF = torch.einsum("nh,ehf->nef", x_NH, w1_EHF)
+    if w3_EHF is not None:
+        h_NEF = F.silu(h_NEF) * torch.einsum("nh,ehf->nef", x_NH, w3_EHF)
+    else:
+        h_NEF = F.gelu(h_NEF) if activation == "gelu" else F.relu(h_NEF)
+    return torch.einsum("nef,efh->nh", h_NEF, w2_EFH)
+
+
 class GroupedExperts(nn.Module):
     """``E`` feed-forward experts with stacked weights.
 
@@ -131,7 +141,12 @@ class GroupedExperts(nn.Module):
             ``[N, H]`` expert outputs, row-aligned with ``x_NH``.
         """
         w1, w3, w2 = self.local_weights()
-        if x_NH.shape[0] > 0 and self.uses_triton(x_NH):
+        if x_NH.shape[0] == 0:
+            # No rows for any local expert: a zero-row computation that still reaches every weight,
+            # so that each rank's autograd graph (and FSDP2's hooks on it) has the same shape.
+            w3_ = None if w3 is None else w3.to(x_NH.dtype)
+            return _dense_ffn_all(x_NH, w1.to(x_NH.dtype), w3_, w2.to(x_NH.dtype), self.activation)
+        if self.uses_triton(x_NH):
             from lightning_moe.kernels.moe_ffn import grouped_ffn
 
             return grouped_ffn(x_NH, counts_E, w1, w3, w2, self.activation)

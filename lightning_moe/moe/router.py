@@ -207,6 +207,8 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=self.hidden_size**-0.5 * 0.1)
         if self.expert_bias is not None:
             nn.init.zeros_(self.expert_bias)
+        if self.expert_load is not None:
+            nn.init.zeros_(self.expert_load)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # The correction bias and the load counts stay float32 under model.to(bfloat16): bias

@@ -1,30 +1,33 @@
-"""Expert parallelism for Lightning: the strategy, its mesh, gradient rule and checkpoints."""
+"""Expert parallelism for Lightning: the strategy, its mesh and placement, parallelize, checkpoints, memory."""
 
-from lightning_moe.strategy.checkpoint import CheckpointError, consolidate_checkpoint, load_checkpoint
+from lightning_moe.strategy.checkpoint import (
+    CheckpointError,
+    consolidate_checkpoint,
+    is_sharded_checkpoint,
+    read_full_checkpoint,
+)
 from lightning_moe.strategy.expert_parallel import (
     STRATEGY_NAME,
     ExpertParallelStrategy,
     register_expert_parallel_strategy,
 )
-from lightning_moe.strategy.grads import clip_grad_norm_, expert_parameters
-from lightning_moe.strategy.mesh import (
-    ExpertParallelGroups,
-    ExpertParallelMesh,
-    build_process_groups,
-    default_expert_parallel_size,
-)
+from lightning_moe.strategy.grads import clip_grad_norm_, expert_parameters, grad_norm
+from lightning_moe.strategy.mesh import PLACEMENTS, ParallelDims, default_expert_parallel_size
+from lightning_moe.strategy.parallelize import ParallelizeConfig
 
 __all__ = [
+    "PLACEMENTS",
     "STRATEGY_NAME",
     "CheckpointError",
-    "ExpertParallelGroups",
-    "ExpertParallelMesh",
     "ExpertParallelStrategy",
-    "build_process_groups",
+    "ParallelDims",
+    "ParallelizeConfig",
     "clip_grad_norm_",
     "consolidate_checkpoint",
     "default_expert_parallel_size",
     "expert_parameters",
-    "load_checkpoint",
+    "grad_norm",
+    "is_sharded_checkpoint",
+    "read_full_checkpoint",
     "register_expert_parallel_strategy",
 ]

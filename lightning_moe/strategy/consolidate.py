@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from lightning_moe.strategy.checkpoint import METADATA_KEY, consolidate_checkpoint
+from lightning_moe.strategy.checkpoint import consolidate_checkpoint, tensor_count
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -14,15 +14,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m lightning_moe.strategy.consolidate",
         description="Consolidate an expert-sharded checkpoint directory into one file for inference.",
     )
-    parser.add_argument("src", help="checkpoint directory written by ExpertParallelStrategy")
+    parser.add_argument(
+        "src", help="checkpoint directory written by ExpertParallelStrategy (distributed or legacy format)"
+    )
     parser.add_argument("dst", help="output file")
     parser.add_argument(
         "--weights-only", action="store_true", help="drop optimizer, scheduler, loop and callback state"
     )
     args = parser.parse_args(argv)
     checkpoint = consolidate_checkpoint(args.src, args.dst, weights_only_model=args.weights_only)
-    layers = checkpoint.get(METADATA_KEY, {}).get("layers", {})
-    print(f"wrote {args.dst}: {len(layers)} MoE layers, experts {[v['num_experts'] for v in layers.values()]}")
+    print(f"wrote {args.dst}: {tensor_count(checkpoint)} tensors, every expert once")
 
 
 if __name__ == "__main__":

@@ -1,110 +1,112 @@
-"""``ExpertParallelStrategy``: DDP for the dense parameters, expert parallelism for the experts.
+"""``ExpertParallelStrategy``: expert parallelism with FSDP2 (ZeRO-3) or replicated data parallelism.
 
-What it adds to Lightning's ``DDPStrategy`` (launchers, cluster environments, NCCL/gloo are DDP's):
+Built on Lightning's ``ModelParallelStrategy`` (launchers, cluster environments, process group,
+``configure_model`` on the meta device). What it adds:
 
-- setup: validate the layout (before any collective), build the ``(expert_data_parallel,
-  expert_parallel)`` mesh, hand every MoE layer its expert-parallel group (``MoE.shard_experts``)
-  before the optimizer is built, and keep expert weights out of DDP;
-- backward: expert gradients scaled by ``1 / P`` and averaged over the expert-data-parallel group
-  on the step that synchronises (:mod:`lightning_moe.strategy.grads`);
-- clipping: ``gradient_clip_val`` with a norm that counts every expert shard once;
-- checkpoints: one directory, every expert stored once by global index, loadable at any expert
-  parallel size (:mod:`lightning_moe.strategy.checkpoint`);
-- teardown: experts gathered back, so the module is whole again after ``fit`` (as after DDP).
-
-The placement of every parameter is the table in :mod:`lightning_moe.strategy.mesh`.
+- setup: the layout is validated before any collective, the world ``DeviceMesh`` is built
+  (:class:`~lightning_moe.strategy.ParallelDims`), and :func:`~lightning_moe.strategy.parallelize`
+  makes the expert weights DTensors sharded over the expert-parallel dim, applies activation
+  checkpointing and FSDP2 (``fully_shard`` per router, expert group, transformer block and root,
+  with ``MixedPrecisionPolicy`` from the Trainer's precision and ``CPUOffloadPolicy`` with
+  ``cpu_offload``); a model built on the meta device is then materialised shard by shard, and
+  replicas are made equal;
+- gradients: FSDP2 reduces them by the placement table (experts summed over the
+  expert-data-parallel group and divided by N), so any layout trains like one process on the
+  global batch;
+- clipping: ``gradient_clip_val`` with a norm that counts every shard once;
+- checkpoints: ``torch.distributed.checkpoint`` directories with global metadata, written
+  atomically, loadable at any layout; single files and the legacy expert-sharded directories load too;
+- evaluation: every rank runs the same number of batches (see :meth:`process_dataloader`), so a
+  rank that runs out early never leaves the others waiting in an all-to-all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import Trainer
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.fsdp import FSDPModule
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_moe.moe.layer import moe_layers
 from lightning_moe.strategy.checkpoint import (
-    expert_layer_specs,
-    load_checkpoint,
-    optimizer_expert_params,
-    write_sharded_checkpoint,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    is_distributed_checkpoint,
+    load_distributed_checkpoint,
+    load_full_into_sharded,
+    read_full_checkpoint,
+    save_distributed_checkpoint,
 )
-from lightning_moe.strategy.grads import (
-    clip_grad_norm_,
-    expert_parameters,
-    reduce_expert_gradients,
-    scale_expert_gradients,
-)
-from lightning_moe.strategy.mesh import (
-    ExpertParallelGroups,
-    ExpertParallelMesh,
-    build_process_groups,
-    default_expert_parallel_size,
+from lightning_moe.strategy.grads import clip_grad_norm_, expert_parameters
+from lightning_moe.strategy.mesh import DATA_PARALLEL_MODES, ParallelDims, default_expert_parallel_size
+from lightning_moe.strategy.parallelize import (
+    ACTIVATION_CHECKPOINTING,
+    ParallelizeConfig,
+    materialize,
+    parallelize,
+    synchronize_replicas,
 )
 
 STRATEGY_NAME = "expert_parallel"
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
-class ExpertParallelStrategy(DDPStrategy):
-    """Expert parallelism (DeepSpeed-MoE / Z-code M3 layout) on top of Lightning's DDP.
+class ExpertParallelStrategy(ModelParallelStrategy):
+    """Expert parallelism (DeepSpeed-MoE / Z-code M3) combined with FSDP2 sharding or replicas.
 
-    Ranks form the mesh ``(expert_data_parallel, expert_parallel)`` with expert-parallel ranks
-    consecutive. Each MoE layer keeps ``num_experts / expert_parallel_size`` experts per rank and
-    exchanges tokens over its expert-parallel group with all-to-all; everything else is data
-    parallel. A run at any expert-parallel size computes the same updates as one process on the
-    same global batch (dropless routing; the aux loss and capacity are per rank, as in DeepSpeed).
+    Ranks form the mesh ``(expert_data_parallel, expert_parallel)``, expert-parallel ranks
+    consecutive (shared/DESIGN.md, "Parallel layout"; the placement table is in
+    :mod:`lightning_moe.strategy.mesh`). Each MoE layer keeps ``num_experts / expert_parallel_size``
+    experts per rank and exchanges tokens over its expert-parallel group with all-to-all.
 
     Usable as ``Trainer(strategy=ExpertParallelStrategy(...))``, as ``strategy="expert_parallel"``
-    (``"expert_parallel_spawn"`` for the spawn launcher) and from YAML (``class_path:
-    lightning_moe.ExpertParallelStrategy``). Launching is DDP's: a script re-launched per device,
-    ``torchrun`` or SLURM through Lightning's cluster environments.
+    and from YAML (``class_path: lightning_moe.ExpertParallelStrategy``). Launching is
+    Lightning's: a script re-launched per device, ``torchrun`` or SLURM.
 
     Args:
-        expert_parallel_size: P, ranks that split the experts of every MoE layer. ``None`` picks the
-            largest P that divides the world size, every layer's ``num_experts`` and the devices of
-            one node (all-to-all stays on a node's NVLink); 1 is plain data parallelism.
-        accelerator: see ``DDPStrategy``.
-        parallel_devices: see ``DDPStrategy``.
-        cluster_environment: see ``DDPStrategy``.
-        checkpoint_io: writes and reads the checkpoint files (default: ``torch.save``).
-        precision_plugin: see ``DDPStrategy``.
+        expert_parallel_size: P, data-parallel ranks that split the experts of every MoE layer.
+            ``None`` picks the largest P that divides the world size, every layer's
+            ``num_experts`` and the devices of one node (all-to-all stays on a node's NVLink).
+        data_parallel: ``"fsdp"`` (the default: ZeRO-3, parameters, gradients and optimizer state
+            sharded, non-expert ones over all N data-parallel ranks, experts over their D
+            expert-data-parallel ranks; the same speed as ``"ddp"`` on one node at a fraction of
+            the memory) or ``"ddp"`` (replicas; experts split over P only).
+        tensor_parallel_size: must be 1 (tensor parallelism is not implemented yet).
+        cpu_offload: keep sharded parameters, gradients and the optimizer step in host memory
+            (FSDP2's ``CPUOffloadPolicy``; ZeRO-Offload).
+        activation_checkpointing: ``None``, ``"full"`` (recompute every transformer block) or
+            ``"experts"`` (recompute the expert FFN only, not the routing or the all-to-all).
         process_group_backend: ``"nccl"`` (CUDA default) or ``"gloo"`` (CPU default).
         timeout: timeout of collectives.
-        start_method: ``"popen"`` (re-launch the script, default), ``"spawn"``, ``"fork"`` or
-            ``"forkserver"``.
-        **kwargs: passed to ``torch.nn.parallel.DistributedDataParallel``.
 
     Raises:
-        ValueError: if ``expert_parallel_size`` is not a positive integer. At setup, before any
-            collective: if the world size or a MoE layer's ``num_experts`` is not divisible by it.
+        ValueError: on an invalid setting, naming it. At setup, before any collective: if the
+            world size or a MoE layer's ``num_experts`` is not divisible by the expert-parallel size.
     """
 
     def __init__(
         self,
         expert_parallel_size: int | None = None,
-        accelerator: Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
+        data_parallel: str = "fsdp",
+        tensor_parallel_size: int = 1,
+        cpu_offload: bool = False,
+        activation_checkpointing: str | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
-        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
-        **kwargs: Any,
     ) -> None:
         if expert_parallel_size is not None and (
             isinstance(expert_parallel_size, bool)
@@ -115,23 +117,32 @@ class ExpertParallelStrategy(DDPStrategy):
                 f"expert_parallel_size={expert_parallel_size!r} must be a positive integer, or None to choose it "
                 "from the world size and the experts"
             )
+        if data_parallel not in DATA_PARALLEL_MODES:
+            raise ValueError(f"data_parallel={data_parallel!r} is not supported; choose one of {DATA_PARALLEL_MODES}")
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size} is not implemented yet; use tensor_parallel_size=1"
+            )
+        if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r} is not supported; choose None, 'full' "
+                "(recompute every block) or 'experts' (recompute the expert FFN only)"
+            )
         super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=True,
             process_group_backend=process_group_backend,
             timeout=timeout,
-            start_method=start_method,
-            **kwargs,
         )
         self._requested_expert_parallel_size = expert_parallel_size
-        self._groups: ExpertParallelGroups | None = None
-        self._expert_params: list[nn.Parameter] = []
-        self._grad_hooks: list[RemovableHandle] = []
-        self._clipping_plugin: Precision | None = None
-        self._failed = False
+        self.data_parallel = data_parallel
+        self.tensor_parallel_size = tensor_parallel_size
+        self.cpu_offload = cpu_offload
+        self.activation_checkpointing = activation_checkpointing
+        self._dims: ParallelDims | None = None
+        self._mesh: Any = None
+        self._parallelized = False
 
     # ---------------------------------------------------------------------------------------------
     # layout
@@ -139,22 +150,23 @@ class ExpertParallelStrategy(DDPStrategy):
     @property
     def expert_parallel_size(self) -> int | None:
         """P in use after setup; before it, the requested value (``None``: chosen at setup)."""
-        if self._groups is not None:
-            return self._groups.mesh.expert_parallel_size
-        return self._requested_expert_parallel_size
+        return self._dims.expert_parallel_size if self._dims is not None else self._requested_expert_parallel_size
 
     @property
-    def mesh(self) -> ExpertParallelMesh | None:
-        """The rank layout, after setup."""
-        return self._groups.mesh if self._groups is not None else None
+    def parallel_dims(self) -> ParallelDims | None:
+        """The degrees in use, after setup."""
+        return self._dims
 
     @property
-    def process_groups(self) -> ExpertParallelGroups | None:
-        """This rank's expert-parallel and expert-data-parallel groups, after setup."""
-        return self._groups
+    @override
+    def device_mesh(self) -> Any:
+        """The world ``DeviceMesh`` (dims ``edp``, ``ep``, ``tp``; ``dp`` flattened), after setup."""
+        if self._mesh is None:
+            raise RuntimeError("ExpertParallelStrategy builds its device mesh at setup; it is not available yet")
+        return self._mesh
 
-    def resolve_mesh(self, module: nn.Module, world_size: int, ranks_per_node: int) -> ExpertParallelMesh:
-        """The mesh this strategy would use for ``module``; raises on a misconfiguration.
+    def resolve_dims(self, module: nn.Module, world_size: int, ranks_per_node: int) -> ParallelDims:
+        """The layout this strategy would use for ``module``; raises on a misconfiguration.
 
         A pure function of its arguments: every rank reaches the same verdict, so a bad
         configuration fails everywhere before any collective and never hangs.
@@ -165,7 +177,7 @@ class ExpertParallelStrategy(DDPStrategy):
             ranks_per_node: processes per node (bounds the default size).
 
         Returns:
-            The validated :class:`~lightning_moe.strategy.ExpertParallelMesh`.
+            The validated :class:`~lightning_moe.strategy.ParallelDims`.
 
         Raises:
             ValueError: if W or a layer's ``num_experts`` is not divisible by the size.
@@ -174,189 +186,282 @@ class ExpertParallelStrategy(DDPStrategy):
         size = self._requested_expert_parallel_size
         if size is None:
             size = default_expert_parallel_size(world_size, ranks_per_node, [e for _, e in layers])
-        mesh = ExpertParallelMesh(world_size=world_size, expert_parallel_size=size)
-        mesh.validate_num_experts(layers)
-        return mesh
+        dims = ParallelDims(world_size, size, self.tensor_parallel_size, self.data_parallel)
+        dims.validate_num_experts(layers)
+        return dims
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        dims = self._dims
+        if dims is None:
+            return {"num_replicas": self.world_size, "rank": self.global_rank}
+        coords = dims.coordinates(self.global_rank)
+        rank = coords["edp"] * dims.expert_parallel_size + coords["ep"]
+        return {"num_replicas": dims.data_parallel_size, "rank": rank}
 
     @override
     def setup_environment(self) -> None:
+        world_size = self.num_nodes * self.num_processes
         # Fail before the process group exists when the model is already built.
-        if self.lightning_module is not None:
-            self.resolve_mesh(self.lightning_module, self.num_nodes * self.num_processes, self.num_processes)
+        if self.lightning_module is not None and any(True for _ in moe_layers(self.lightning_module)):
+            self.resolve_dims(self.lightning_module, world_size, self.num_processes)
+        # ModelParallelStrategy builds a (data_parallel, tensor_parallel) mesh of its own here; ours,
+        # which needs the model's MoE layers, is built in setup().
+        self._data_parallel_size, self._tensor_parallel_size = world_size, 1
         super().setup_environment()
 
     @override
     def setup(self, trainer: Trainer) -> None:
-        self._failed = False
-        self._setup_expert_parallel()
-        super().setup(trainer)
-        self._install_clipping()
-
-    def _setup_expert_parallel(self) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        precision = _precision_flag(self.precision_plugin)
         module = self.lightning_module
         assert module is not None
-        mesh = self.resolve_mesh(module, self.world_size, self.num_processes)
-        if self._groups is None or self._groups.mesh != mesh:
-            self._groups = build_process_groups(mesh, self.global_rank)
-        if self._requested_expert_parallel_size is None:
-            rank_zero_info(
-                f"ExpertParallelStrategy: expert_parallel_size={mesh.expert_parallel_size} (chosen: the largest size "
-                f"dividing the world size {mesh.world_size}, every layer's num_experts and {self.num_processes} "
-                "devices per node)"
+        if not self._parallelized:
+            if any(isinstance(m, FSDPModule) for m in self.model.modules()):
+                raise RuntimeError(
+                    f"{type(module).__name__} was already sharded by another strategy instance; run fit, validate, "
+                    "test and predict with the same Trainer (its strategy keeps the layout), or build a new module"
+                )
+            dims = self.resolve_dims(module, self.world_size, self.num_processes)
+            if self._requested_expert_parallel_size is None:
+                rank_zero_info(
+                    f"ExpertParallelStrategy: expert_parallel_size={dims.expert_parallel_size} (chosen: the largest "
+                    f"size dividing the world size {dims.world_size}, every layer's num_experts and "
+                    f"{self.num_processes} devices per node)"
+                )
+            self._dims = dims
+            self._mesh = dims.build_mesh(self.root_device.type)
+            module._device_mesh = self._mesh
+            if precision == "bf16-true":
+                self.model = self.precision_plugin.convert_module(self.model)
+            mixed = precision == "bf16-mixed"
+            config = ParallelizeConfig(
+                dims=dims,
+                mesh=self._mesh,
+                activation_checkpointing=self.activation_checkpointing,
+                cpu_offload=self.cpu_offload,
+                param_dtype=torch.bfloat16 if mixed else None,
+                reduce_dtype=torch.float32 if mixed else None,
             )
-        ep = self._groups.expert_parallel
-        if ep.size > 1:
-            for _, layer in moe_layers(module):
-                layer.shard_experts(ep)
-        named = expert_parameters(module)
-        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
-        module._ddp_params_and_buffers_to_ignore = sorted(ignored | {name for name, _ in named})
-        self._expert_params = [param for _, param in named]
+            parallelize(self.model, config)
+            init_device = torch.device("cpu") if self.cpu_offload else self.root_device
+            materialize(self.model, init_device)
+            self._move_to_device()
+            synchronize_replicas(self.model)
+            self._parallelized = True
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _move_to_device(self) -> None:
+        assert self.model is not None
+        if not self.cpu_offload:
+            self.model.to(self.root_device)
+            return
+        # Offload: sharded parameters stay in host memory (FSDP2 moves them per unit); buffers go to the GPU.
+        for module in self.model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(self.root_device)
+
+    @override
+    def model_to_device(self) -> None:
+        self._move_to_device()
 
     # ---------------------------------------------------------------------------------------------
-    # gradients
+    # precision and clipping
+
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else _ShardedPrecision()
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, precision_plugin: Precision | None) -> None:
+        self._precision_plugin = None if precision_plugin is None else _with_sharded_clipping(precision_plugin)
+
+    # ---------------------------------------------------------------------------------------------
+    # evaluation: the same number of batches on every rank
 
     @override
-    def configure_ddp(self) -> None:
-        super().configure_ddp()
-        # After model_to_device: the hooks live on the parameters that will be trained.
-        for handle in self._grad_hooks:
-            handle.remove()
-        assert self.lightning_module is not None
-        self._expert_params = [param for _, param in expert_parameters(self.lightning_module)]
-        self._grad_hooks = scale_expert_gradients(self._expert_params, self.expert_parallel_size or 1)
-
-    @override
-    def post_backward(self, closure_loss: Tensor) -> None:
-        super().post_backward(closure_loss)
-        model = self.model
-        if not isinstance(model, DistributedDataParallel) or not model.require_backward_grad_sync:
-            return  # accumulating: expert gradients stay local until the step that synchronises
-        assert self._groups is not None
-        reduce_expert_gradients(
-            self._expert_params, self._groups.expert_data_parallel, self._groups.mesh.expert_data_parallel_size
-        )
-
-    def _install_clipping(self) -> None:
-        # Lightning clips through the precision plugin (``clip_grad_by_norm``); replace that method
-        # on this run's plugin instance with the expert-aware norm, and restore it at teardown.
-        plugin = self.precision_plugin
-        groups = self._groups
-        assert groups is not None
-        expert_ids = {id(p) for p in self._expert_params}
-        ep_group = groups.expert_parallel.group if groups.expert_parallel.size > 1 else None
-
-        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
-            clip_grad_norm_(plugin.main_params(optimizer), clip_val, expert_ids, ep_group)
-
-        plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
-        self._clipping_plugin = plugin
+    def process_dataloader(self, dataloader: Iterable) -> Iterable:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        fitting_train = trainer is not None and trainer.training
+        if self._dims is None or self._dims.expert_parallel_size == 1 or fitting_train or self.world_size == 1:
+            return dataloader
+        return _EvenBatches(dataloader, self)
 
     # ---------------------------------------------------------------------------------------------
     # checkpoints
 
-    @property
-    @override
-    def restore_checkpoint_after_setup(self) -> bool:
-        # Load after sharding: each rank reads only the rows of its own experts.
-        return True
+    def _expert_keys(self) -> dict[str, tuple[str, int]]:
+        module = self.lightning_module
+        assert module is not None
+        layer_of = {name: layer for name, layer in moe_layers(module)}
+        out = {}
+        for key, _ in expert_parameters(module):
+            layer_name = key.rsplit(".experts.", 1)[0] if ".experts." in key else ""
+            out[key] = (layer_name, layer_of[layer_name].num_experts)
+        return out
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
-        """Write a checkpoint directory: ``common.pt`` and one file of experts per EP rank.
+        """Write a distributed checkpoint directory (every rank calls this); atomic.
 
-        Called on every rank. See :mod:`lightning_moe.strategy.checkpoint` for the format.
+        See :mod:`lightning_moe.strategy.checkpoint` for the layout.
         """
-        module = self.lightning_module
-        assert module is not None
-        specs = expert_layer_specs(module)
-        maps = [optimizer_expert_params(opt, module) for opt in self.optimizers]
-        if self.is_global_zero:
-            # A shard of an earlier layout left in the directory would be read as a duplicate.
-            self.checkpoint_io.remove_checkpoint(filepath)
-        self.barrier("ExpertParallelStrategy.save_checkpoint")
-        sharded = any(spec.num_local != spec.num_experts for spec in specs)
-        if sharded:
-            assert self._groups is not None
-            writes_shard = self._groups.edp_rank == 0
-            ep = self._groups.expert_parallel
-            shard = (ep.rank, ep.size) if writes_shard else None
-        else:
-            shard = (0, 1) if self.is_global_zero else None
-        write_sharded_checkpoint(
-            checkpoint,
-            filepath,
-            specs,
-            maps,
-            write_common=self.is_global_zero,
-            shard=shard,
-            checkpoint_io=self.checkpoint_io,
-            storage_options=storage_options,
+        if storage_options is not None:
+            raise TypeError("ExpertParallelStrategy.save_checkpoint(storage_options=...) is not supported")
+        path = self.broadcast(str(filepath))
+        tensors = {"state_dict": checkpoint.pop("state_dict")}
+        for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            tensors[f"optimizer_{index}"] = state
+        checkpoint[FORMAT_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "layout": str(self._dims),
+            "experts": self._expert_keys(),
+        }
+        save_distributed_checkpoint(
+            path, tensors, checkpoint, is_rank_zero=self.is_global_zero, barrier=lambda name: self.barrier(name)
         )
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """Read a checkpoint directory or single file and keep this rank's experts.
+        """Read a distributed checkpoint directory, a legacy expert-sharded directory or a single file.
 
-        Every rank checks every expert, so a missing or duplicated expert fails on all ranks alike.
+        Each rank keeps its own shards. Every rank checks every expert first, so a missing or
+        duplicated expert fails on all ranks alike, before any collective.
         """
-        torch.cuda.empty_cache()
+        assert self.model is not None
+        path = self.broadcast(str(checkpoint_path))
         module = self.lightning_module
         assert module is not None
-        maps = [optimizer_expert_params(opt, module) for opt in self.optimizers] or None
-        return load_checkpoint(
-            checkpoint_path,
-            expert_layer_specs(module),
-            maps,
-            checkpoint_io=self.checkpoint_io,
-            weights_only=weights_only,
-        )
-
-    # ---------------------------------------------------------------------------------------------
-    # teardown
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        # Other ranks may be gone: teardown must not start a collective.
-        self._failed = True
-        super().on_exception(exception)
-
-    @override
-    def teardown(self) -> None:
-        for handle in self._grad_hooks:
-            handle.remove()
-        self._grad_hooks = []
-        if self._clipping_plugin is not None:
-            self._clipping_plugin.__dict__.pop("clip_grad_by_norm", None)
-            self._clipping_plugin = None
-        module = self.lightning_module
-        if module is not None and self._groups is not None and not self._failed:
-            ep = self._groups.expert_parallel
-            if ep.size > 1:
-                for _, layer in moe_layers(module):
-                    layer.unshard_experts()
-        self._expert_params = []
-        super().teardown()
+        optimizers = [getattr(opt, "_optimizer", opt) for opt in self.optimizers]
+        if is_distributed_checkpoint(path):
+            return load_distributed_checkpoint(
+                path, self.model, optimizers, self._expert_keys(), strict=module.strict_loading
+            )
+        checkpoint = read_full_checkpoint(path)
+        load_full_into_sharded(checkpoint, self.model, optimizers, strict=module.strict_loading)
+        checkpoint.pop("state_dict", None)
+        checkpoint.pop("optimizer_states", None)
+        return checkpoint
 
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        for name, start_method in ((STRATEGY_NAME, "popen"), (f"{STRATEGY_NAME}_spawn", "spawn")):
-            if name not in strategy_registry:
-                strategy_registry.register(
-                    name,
-                    cls,
-                    description=f"Expert parallelism for MoE models over DDP, start_method={start_method!r}",
-                    start_method=start_method,
-                )
+        if STRATEGY_NAME not in strategy_registry:
+            strategy_registry.register(
+                STRATEGY_NAME,
+                cls,
+                description="Expert parallelism for MoE models with FSDP2 sharding (ZeRO-3) of the rest",
+            )
+
+
+class _EvenBatches:
+    """A dataloader that yields the same number of batches on every rank.
+
+    Ranks with fewer batches (e.g. Lightning's unpadded predict sampler) continue with empty
+    batches (every tensor sliced to zero rows), so that every rank takes part in every
+    all-to-all; predictions of empty batches are empty.
+    """
+
+    def __init__(self, dataloader: Iterable, strategy: ExpertParallelStrategy) -> None:
+        self.dataloader = dataloader
+        self.strategy = strategy
+
+    def __len__(self) -> int:
+        return len(self.dataloader)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataloader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            local = len(self.dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            yield from self.dataloader
+            return
+        device = self.strategy.root_device
+        count = torch.tensor(local, device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        last = None
+        for batch in self.dataloader:
+            last = batch
+            yield batch
+        for _ in range(int(count) - local):
+            yield _empty_like(last)
+
+
+def _empty_like(batch: Any) -> Any:
+    """``batch`` with every tensor cut to zero rows and every list emptied (structure kept)."""
+    if isinstance(batch, Tensor):
+        return batch[:0]
+    if isinstance(batch, dict):
+        return {k: _empty_like(v) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_empty_like(v) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        items = [_empty_like(v) for v in batch]
+        if batch and all(not isinstance(v, (Tensor, dict, list, tuple)) for v in batch):
+            return type(batch)()
+        return type(batch)(items)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# precision plugins with sharded gradient clipping
+
+
+class _ShardedClipping:
+    """``clip_grad_by_norm`` with a norm over every shard exactly once (the strategy's clipping)."""
+
+    def clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float | int) -> None:
+        clip_grad_norm_(self.main_params(optimizer), float(clip_val))  # type: ignore[attr-defined]
+
+
+class _ShardedPrecision(_ShardedClipping, Precision):
+    """``32-true`` under ExpertParallelStrategy."""
+
+
+class _ShardedMixedPrecision(_ShardedClipping, MixedPrecision):
+    """``bf16-mixed`` under ExpertParallelStrategy (FSDP2 gathers bfloat16 weights; autocast on top)."""
+
+
+class _ShardedHalfPrecision(_ShardedClipping, HalfPrecision):
+    """``bf16-true`` under ExpertParallelStrategy."""
+
+
+def _precision_flag(plugin: Precision) -> str:
+    return getattr(plugin, "precision", "32-true")
+
+
+def _with_sharded_clipping(plugin: Precision) -> Precision:
+    if isinstance(plugin, _ShardedClipping):
+        return plugin
+    flag = _precision_flag(plugin)
+    if flag not in PRECISIONS or type(plugin) not in (Precision, MixedPrecision, HalfPrecision):
+        fix = " (fp16 needs loss scaling whose inf checks FSDP2 does not agree across ranks)" if "16-" in flag else ""
+        raise ValueError(
+            f"ExpertParallelStrategy does not support precision={flag!r} ({type(plugin).__name__}){fix}; use "
+            f"precision='bf16-mixed' (or one of {PRECISIONS})"
+        )
+    if isinstance(plugin, MixedPrecision):
+        return _ShardedMixedPrecision(flag, plugin.device, plugin.scaler)  # type: ignore[arg-type]
+    if isinstance(plugin, HalfPrecision):
+        return _ShardedHalfPrecision(flag)  # type: ignore[arg-type]
+    return _ShardedPrecision()
 
 
 def register_expert_parallel_strategy() -> None:
-    """Register ``"expert_parallel"`` and ``"expert_parallel_spawn"`` in Lightning's registry (idempotent)."""
+    """Register ``"expert_parallel"`` in Lightning's strategy registry (idempotent)."""
     ExpertParallelStrategy.register_strategies(StrategyRegistry)
 
 
 # Importing lightning_moe makes Trainer(strategy="expert_parallel") work.
 register_expert_parallel_strategy()
 
-__all__ = ["STRATEGY_NAME", "ExpertParallelStrategy", "register_expert_parallel_strategy"]
+__all__ = ["PRECISIONS", "STRATEGY_NAME", "ExpertParallelStrategy", "register_expert_parallel_strategy"]

@@ -14,9 +14,9 @@ strategy's placement table and FSDP2's mechanics:
   AdamW keeps two moments of the same dtype. With ``cpu_offload=True`` all three live in host
   memory, parameters and gradients pinned (PyTorch's pinned allocator rounds every block up to a
   power of two).
-- **gathered units**: FSDP2 all-gathers each unit (a transformer block, its router, its experts; the
-  root: embeddings, positions, final norms) into unsharded copies in the compute dtype (routers in
-  float32). With ``"fsdp"`` a unit is resharded after its forward and gathered again for its
+- **gathered units**: FSDP2 all-gathers each unit (a transformer block with its router, the block's
+  routed experts; the root: embeddings, positions, final norms) into unsharded copies in the
+  compute dtype (the router computes in float32 from the gathered copy). With ``"fsdp"`` a unit is resharded after its forward and gathered again for its
   backward: about two blocks are unsharded at a time (the current one and the prefetched next),
   plus, in the backward, the current block's unsharded gradients and the float32 buffer they are
   reduced through, and the root's unsharded weight and gradient (the tied embedding's gradient
@@ -60,8 +60,8 @@ class ParameterTensor:
         name: its name in ``model.named_parameters()``.
         shape: its global shape.
         kind: ``"expert"`` (routed experts, ``[E, ...]``), ``"router"`` or ``"dense"`` (the rest).
-        unit: the FSDP unit that gathers it: ``"root"``, a block (``"blocks.3"``), or a block's
-            router or experts (``"blocks.3.ffn.router"``, ``"blocks.3.ffn.experts"``).
+        unit: the FSDP unit that gathers it: ``"root"``, a block (``"blocks.3"``, routers
+            included), or a block's routed experts (``"blocks.3.ffn.experts"``).
     """
 
     name: str
@@ -119,9 +119,7 @@ def parameter_tensors(config: GPTConfig | TransformerConfig) -> list[ParameterTe
             ffn(f"{prefix}.ffn", prefix, config.d_ff, None, "dense")
             return
         F = config.expert_ffn_hidden_size
-        out.append(
-            ParameterTensor(f"{prefix}.ffn.router.weight", (config.num_experts, D), "router", f"{prefix}.ffn.router")
-        )
+        out.append(ParameterTensor(f"{prefix}.ffn.router.weight", (config.num_experts, D), "router", prefix))
         ffn(f"{prefix}.ffn.experts", f"{prefix}.ffn.experts", F, config.num_experts, "expert")
         if config.num_shared_experts:
             ffn(f"{prefix}.ffn.shared_experts", prefix, F * config.num_shared_experts, 1, "dense")
@@ -385,8 +383,7 @@ def estimate_memory(
             shape = (shape[0] // P, *shape[1:])
         local_numel[p.name] = shard_numel(shape, shards)
         unit_numel[p.unit] = unit_numel.get(p.unit, 0) + math.prod(shape)
-        element = 4 if p.kind == "router" else gathered
-        unit_bytes[p.unit] = unit_bytes.get(p.unit, 0) + element * math.prod(shape)
+        unit_bytes[p.unit] = unit_bytes.get(p.unit, 0) + gathered * math.prod(shape)
 
     local = sum(local_numel.values())
     params = state * local
@@ -396,7 +393,7 @@ def estimate_memory(
     vectors = local - matrices
     step_temp = state * max(matrices, vectors) if OPTIMIZERS[optimizer] else 0
 
-    # FSDP units: the root, and per block the block with its router and experts (a "group").
+    # FSDP units: the root, and per block the block (router included) and its experts (a "group").
     groups: dict[str, int] = {}
     group_numel: dict[str, int] = {}
     for unit, nbytes in unit_bytes.items():

@@ -1,28 +1,41 @@
-"""The ``(expert_data_parallel, expert_parallel)`` device mesh: layout, validation, process groups.
+"""The device mesh of expert parallelism: layout, validation, and the one placement table.
 
-Legend: W world size, P expert-parallel size, D = W / P expert-data-parallel size, E experts of a
-MoE layer, L = E / P experts per rank.
+Legend: W world size, T tensor-parallel size, N = W / T data-parallel ranks, P expert-parallel
+size, D = N / P expert-data-parallel size, E experts of a MoE layer, L = E / P experts per rank.
 
-Expert-parallel ranks are consecutive (DeepSpeed's "E+D" layout), so that an all-to-all stays
-inside a node whenever ``P`` divides the number of devices per node. With W = 8 and P = 4::
+Every parallel dimension lives on one ``DeviceMesh`` built by :meth:`ParallelDims.build_mesh`
+with ``init_device_mesh``, dims named ``("edp", "ep", "tp")`` from outer to inner: tensor-parallel
+ranks are consecutive (one node's NVLink), then expert-parallel ranks, then the expert-data-parallel
+replicas (DeepSpeed's "E+D" layout). The data-parallel dim ``"dp"`` (N ranks) is ``("edp", "ep")``
+flattened: the expert-parallel ranks are carved out of the data-parallel ranks. With W = 8, P = 4::
 
-                    expert_parallel ->
-    expert_data       rank 0  rank 1  rank 2  rank 3      EP group {0,1,2,3}
-    _parallel    |    rank 4  rank 5  rank 6  rank 7      EP group {4,5,6,7}
-                 v    EDP {0,4} {1,5}   {2,6}   {3,7}
+                    ep ->
+    edp        rank 0  rank 1  rank 2  rank 3      EP group {0,1,2,3}  (tokens move over it)
+     |         rank 4  rank 5  rank 6  rank 7      EP group {4,5,6,7}
+     v         EDP {0,4} {1,5}   {2,6}   {3,7}     (an expert shard's data-parallel group)
+               dp = all eight ranks                 (non-expert parameters)
 
-Placement of every parameter (the one table; docs/expert_parallel.md repeats it):
+``data_parallel="ddp"`` adds a ``"shard"`` dim of size 1 after ``"ep"``: FSDP2 over
+``("dp", "shard")`` is hybrid sharding with shards of one rank, that is replication (DDP).
 
-==================================  ===============================  ===============================
-parameters                          held by                          gradient
-==================================  ===============================  ===============================
-non-expert: embeddings, attention,  every rank (replicated)          DDP all-reduce, mean over W
-norms, routers, dense FFNs, shared
-experts, heads
-expert weights ``experts.w1/w2/w3`` EP rank ``p`` holds experts      all-reduce sum over the EDP
-of every MoE layer                  ``[p*L, (p+1)*L)``, replicated   group, then divide by W
-                                    over its EDP group
-==================================  ===============================  ===============================
+Placement of every parameter (docs/expert_parallel.md repeats this table; :data:`PLACEMENTS` is it
+in code, and :func:`lightning_moe.strategy.parallelize.parallelize` applies it):
+
+=============================  ==========================  ==========================  ==========================
+parameters                     ``data_parallel="fsdp"``    ``data_parallel="ddp"``     gradient
+=============================  ==========================  ==========================  ==========================
+non-expert: embeddings,        FSDP2-sharded on ``dp``     replicated on ``dp``        mean over the N data-
+attention, norms, dense FFNs,  (dim 0; the largest dim if  (FSDP2 on ``(dp, shard)``,  parallel ranks
+shared experts, heads          dim 0 < N)                  shard size 1)
+routers (their own FSDP unit,  as above                    as above                    as above
+gathered in float32)
+expert weights                 DTensor ``[E, ...]``,       ``Shard(0)`` on ``ep``,     sum over the EDP group,
+``experts.w1/w2/w3``           ``Shard(0)`` on ``ep``,     replicated on ``edp``       divided by N
+                               FSDP2-sharded on ``edp``
+=============================  ==========================  ==========================  ==========================
+
+With these rules a run with any mesh computes the update of one process on the same global
+batch (dropless routing; shared/DESIGN.md "Parallel layout").
 """
 
 from __future__ import annotations
@@ -32,64 +45,108 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
 
-import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lightning_moe.moe.dispatch import ExpertParallelGroup
+DATA_PARALLEL_MODES: tuple[str, ...] = ("fsdp", "ddp")
 
-MESH_DIM_NAMES = ("expert_data_parallel", "expert_parallel")
+PLACEMENTS: dict[str, dict[str, str]] = {
+    "non-expert": {"fsdp": "Shard(0) on dp", "ddp": "Replicate on dp", "gradient": "mean over dp"},
+    "router": {"fsdp": "Shard(0) on dp, float32", "ddp": "Replicate on dp, float32", "gradient": "mean over dp"},
+    "expert": {
+        "fsdp": "Shard(0) on ep, then Shard(0) on edp",
+        "ddp": "Shard(0) on ep, Replicate on edp",
+        "gradient": "sum over edp / N",
+    },
+}
 
 
 @dataclass(frozen=True)
-class ExpertParallelMesh:
-    """The rank layout of expert parallelism; validates itself on construction.
+class ParallelDims:
+    """Degrees of every parallel dimension; validates itself on construction.
 
     Args:
         world_size: W, processes in the job.
-        expert_parallel_size: P, ranks that split the experts of every MoE layer between them.
+        expert_parallel_size: P, data-parallel ranks that split the experts of every MoE layer.
+        tensor_parallel_size: T, ranks that split attention and dense FFNs (1: off).
+        data_parallel: ``"fsdp"`` (ZeRO-3: non-expert state sharded over the N data-parallel
+            ranks, expert state over the D expert-data-parallel ranks) or ``"ddp"`` (replicas).
 
     Raises:
-        ValueError: if a size is not a positive integer or ``P`` does not divide ``W``.
+        ValueError: naming the degree that does not fit and what to choose instead.
     """
 
     world_size: int
-    expert_parallel_size: int
+    expert_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    data_parallel: str = "fsdp"
 
     def __post_init__(self) -> None:
-        W, P = self.world_size, self.expert_parallel_size
-        if not isinstance(W, int) or W < 1:
-            raise ValueError(f"world_size={W!r} must be a positive integer")
-        if not isinstance(P, int) or P < 1:
-            raise ValueError(f"expert_parallel_size={P!r} must be a positive integer (1 turns expert parallelism off)")
-        if W % P != 0:
-            divisors = [d for d in range(1, W + 1) if W % d == 0]
+        W, P, T = self.world_size, self.expert_parallel_size, self.tensor_parallel_size
+        for name, value in (("world_size", W), ("expert_parallel_size", P), ("tensor_parallel_size", T)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer (1 turns that dimension off)")
+        if self.data_parallel not in DATA_PARALLEL_MODES:
             raise ValueError(
-                f"world size {W} is not divisible by expert_parallel_size={P}; choose an expert_parallel_size that "
-                f"divides {W} (one of {divisors}) or run on a multiple of {P} devices"
+                f"data_parallel={self.data_parallel!r} is not supported; choose one of {DATA_PARALLEL_MODES}"
+            )
+        if W % T != 0:
+            raise ValueError(
+                f"world size {W} is not divisible by tensor_parallel_size={T}; choose a tensor_parallel_size that "
+                f"divides {W} (one of {_divisors(W)}) or run on a multiple of {T} devices"
+            )
+        N = W // T
+        if N % P != 0:
+            where = (
+                f"world size {W}"
+                if T == 1
+                else f"the {N} data-parallel ranks (world size {W} / tensor_parallel_size={T})"
+            )
+            raise ValueError(
+                f"{where} is not divisible by expert_parallel_size={P}; choose an expert_parallel_size that "
+                f"divides {N} (one of {_divisors(N)}) or run on a multiple of {P * T} devices"
             )
 
     @property
-    def expert_data_parallel_size(self) -> int:
-        """D = W / P, replicas of each expert shard."""
-        return self.world_size // self.expert_parallel_size
+    def data_parallel_size(self) -> int:
+        """N = W / T, ranks that split the batch."""
+        return self.world_size // self.tensor_parallel_size
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(D, P)``, the mesh shape in :data:`MESH_DIM_NAMES` order."""
-        return (self.expert_data_parallel_size, self.expert_parallel_size)
+    def expert_data_parallel_size(self) -> int:
+        """D = N / P, data-parallel replicas (or FSDP shards) of each expert shard."""
+        return self.data_parallel_size // self.expert_parallel_size
 
-    def coordinates(self, rank: int) -> tuple[int, int]:
-        """``(edp_rank, ep_rank)`` of a global rank."""
-        return divmod(rank, self.expert_parallel_size)
+    @property
+    def mesh_dim_names(self) -> tuple[str, ...]:
+        """Names of the mesh dims, outer to inner."""
+        if self.data_parallel == "ddp":
+            return ("edp", "ep", "shard", "tp")
+        return ("edp", "ep", "tp")
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        """Sizes of the mesh dims in :attr:`mesh_dim_names` order."""
+        D, P, T = self.expert_data_parallel_size, self.expert_parallel_size, self.tensor_parallel_size
+        return (D, P, 1, T) if self.data_parallel == "ddp" else (D, P, T)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """``{dim name: index}`` of a global rank on the mesh."""
+        out = {}
+        for name, size in zip(reversed(self.mesh_dim_names), reversed(self.mesh_shape), strict=True):
+            rank, out[name] = divmod(rank, size)
+        return {name: out[name] for name in self.mesh_dim_names}
 
     def expert_parallel_groups(self) -> list[list[int]]:
-        """The EP groups, consecutive ranks: ``[[0..P-1], [P..2P-1], ...]``."""
-        P = self.expert_parallel_size
-        return [list(range(d * P, (d + 1) * P)) for d in range(self.expert_data_parallel_size)]
+        """The EP groups as global ranks (consecutive apart from the tensor-parallel stride)."""
+        P, T = self.expert_parallel_size, self.tensor_parallel_size
+        return [
+            [(d * P + p) * T + t for p in range(P)] for d in range(self.expert_data_parallel_size) for t in range(T)
+        ]
 
     def expert_data_parallel_groups(self) -> list[list[int]]:
-        """The EDP groups, strided ranks: ``[[0, P, 2P, ...], [1, P+1, ...], ...]``."""
-        P = self.expert_parallel_size
-        return [list(range(p, self.world_size, P)) for p in range(P)]
+        """The EDP groups as global ranks (stride ``P * T``)."""
+        P, T, D = self.expert_parallel_size, self.tensor_parallel_size, self.expert_data_parallel_size
+        return [[(d * P + p) * T + t for d in range(D)] for p in range(P) for t in range(T)]
 
     def validate_num_experts(self, layers: Sequence[tuple[str, int]]) -> None:
         """Check that ``P`` divides every MoE layer's expert count.
@@ -106,8 +163,40 @@ class ExpertParallelMesh:
                 raise ValueError(
                     f"MoE layer {name!r} has num_experts={num_experts}, which is not divisible by "
                     f"expert_parallel_size={P}; choose an expert_parallel_size that divides {num_experts} "
-                    f"(and the world size {self.world_size}) or change num_experts"
+                    f"(and the {self.data_parallel_size} data-parallel ranks) or change num_experts"
                 )
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The world ``DeviceMesh`` (a collective: every rank must call it), with ``"dp"`` flattened.
+
+        Args:
+            device_type: ``"cuda"`` or ``"cpu"``.
+
+        Returns:
+            The mesh; ``mesh["ep"]``, ``mesh["edp"]``, ``mesh["tp"]`` and ``mesh["dp"]`` slice it.
+
+        Raises:
+            RuntimeError: if the initialised process group's world size is not :attr:`world_size`.
+        """
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ParallelDims.build_mesh needs an initialised torch.distributed process group")
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"the process group has world size {dist.get_world_size()} but the mesh was planned for "
+                f"world_size={self.world_size}; build ParallelDims from torch.distributed.get_world_size()"
+            )
+        mesh = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=self.mesh_dim_names)
+        mesh["edp", "ep"]._flatten("dp")
+        return mesh
+
+    def __str__(self) -> str:
+        return (
+            f"world {self.world_size} = data-parallel {self.data_parallel_size} ({self.data_parallel}: expert-parallel "
+            f"{self.expert_parallel_size} x expert-data-parallel {self.expert_data_parallel_size}) x tensor-parallel "
+            f"{self.tensor_parallel_size}"
+        )
 
 
 def default_expert_parallel_size(world_size: int, ranks_per_node: int, num_experts: Sequence[int]) -> int:
@@ -118,7 +207,7 @@ def default_expert_parallel_size(world_size: int, ranks_per_node: int, num_exper
     experts as possible. Without MoE layers it is 1 (plain data parallelism).
 
     Args:
-        world_size: W.
+        world_size: W (or N, the data-parallel ranks, with tensor parallelism).
         ranks_per_node: processes on each node.
         num_experts: expert count of every MoE layer.
 
@@ -132,73 +221,8 @@ def default_expert_parallel_size(world_size: int, ranks_per_node: int, num_exper
     return max(bound, 1)
 
 
-@dataclass
-class ExpertParallelGroups:
-    """This rank's process groups on the mesh.
-
-    Attributes:
-        mesh: the layout.
-        expert_parallel: the EP group (tokens move over it); pass it to ``MoE.shard_experts``.
-        expert_data_parallel: the EDP group expert gradients are summed over (``None`` when
-            ``D == 1``: nothing to reduce).
-        edp_rank: this rank's index in its EDP group.
-    """
-
-    mesh: ExpertParallelMesh
-    expert_parallel: ExpertParallelGroup
-    expert_data_parallel: object | None
-    edp_rank: int
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def build_process_groups(mesh: ExpertParallelMesh, rank: int) -> ExpertParallelGroups:
-    """Create the EP and EDP process groups of ``mesh`` (a collective: every rank must call it).
-
-    ``torch.distributed.new_group`` must be called by every rank for every group, in the same
-    order, so all EP groups are created first, then all EDP groups; a group that is the whole world
-    reuses ``WORLD`` and a group of one rank is not created.
-
-    Args:
-        mesh: the layout; its world size must match the initialised process group.
-        rank: this process's global rank.
-
-    Returns:
-        This rank's groups.
-
-    Raises:
-        RuntimeError: if ``torch.distributed`` is not initialised or its world size differs.
-    """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("build_process_groups needs an initialised torch.distributed process group")
-    if dist.get_world_size() != mesh.world_size:
-        raise RuntimeError(
-            f"the process group has world size {dist.get_world_size()} but the mesh was built for "
-            f"world_size={mesh.world_size}; build the mesh from torch.distributed.get_world_size()"
-        )
-    edp_rank, ep_rank = mesh.coordinates(rank)
-    ep_group = _new_groups(mesh.expert_parallel_groups(), edp_rank, mesh.world_size)
-    edp_group = _new_groups(mesh.expert_data_parallel_groups(), ep_rank, mesh.world_size)
-    return ExpertParallelGroups(
-        mesh=mesh,
-        expert_parallel=ExpertParallelGroup(group=ep_group, size=mesh.expert_parallel_size, rank=ep_rank),
-        expert_data_parallel=edp_group,
-        edp_rank=edp_rank,
-    )
-
-
-def _new_groups(groups: list[list[int]], mine: int, world_size: int) -> object | None:
-    """Create every group (all ranks take part in each ``new_group``) and return group ``mine``."""
-    if len(groups[0]) == 1:
-        return None
-    if len(groups[0]) == world_size:
-        return dist.group.WORLD
-    created = [dist.new_group(ranks) for ranks in groups]
-    return created[mine]
-
-
-__all__ = [
-    "MESH_DIM_NAMES",
-    "ExpertParallelGroups",
-    "ExpertParallelMesh",
-    "build_process_groups",
-    "default_expert_parallel_size",
-]
+__all__ = ["DATA_PARALLEL_MODES", "PLACEMENTS", "ParallelDims", "default_expert_parallel_size"]
