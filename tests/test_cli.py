@@ -1,5 +1,6 @@
 """The command line: a few `fit` steps from the shipped recipes, then `translate` from the checkpoint."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_moe.cli import main
+from lightning_moe.cli import COMMANDS, main, run_cli
+from lightning_moe.io import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +26,7 @@ def _small_recipe(name: str, tmp_path: Path, steps: int = 3) -> Path:
     for cb in trainer["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint"):
             cb["init_args"]["dirpath"] = str(out / "checkpoints")
-        if cb["class_path"].endswith("RichProgressBar"):
+        if cb["class_path"].endswith("ProgressBar"):
             cb["class_path"] = "lightning.pytorch.callbacks.TQDMProgressBar"
     init = cfg["model"]["init_args"]
     if "num_eval_examples" in init:
@@ -40,13 +42,16 @@ def _small_recipe(name: str, tmp_path: Path, steps: int = 3) -> Path:
 @pytest.mark.slow
 def test_fit_from_recipe_then_translate(tmp_path, capsys):
     recipe = _small_recipe("m3_tiny.yaml", tmp_path)
-    main(["fit", "-c", str(recipe)])
+    cli = run_cli(["fit", "-c", str(recipe)])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # atomic writes by default
     out = capsys.readouterr().out
-    assert "Run finished." in out
-    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert "Run finished." in out and "Total FLOPs" not in out
+    run = tmp_path / "run"
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
     assert ckpts, "fit wrote no checkpoint"
-    metrics = next((tmp_path / "run").rglob("metrics.csv")).read_text()
+    metrics = (run / "metrics.csv").read_text()  # one fixed run directory, metrics beside the checkpoints folder
     assert "train/loss" in metrics and "val/chrf" in metrics
+    assert f"metrics: {run / 'metrics.csv'}" in out
 
     with pytest.raises(SystemExit) as exc:
         main(
@@ -61,12 +66,14 @@ def test_fit_from_recipe_then_translate(tmp_path, capsys):
                 "--max-length",
                 "6",
                 "Save",
+                "",
                 "Delete",
             ]
         )
     assert exc.value.code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
+    lines = capsys.readouterr().out.split("\n")[:-1]
+    assert len(lines) == 3 and lines[1] == ""  # empty input, empty output
+    assert lines[0] and lines[2]
 
     main(["predict", "-c", str(recipe), "--ckpt_path", str(ckpts[0]), "--trainer.limit_predict_batches", "1"])
     out_lines = capsys.readouterr().out.strip().splitlines()
@@ -78,6 +85,15 @@ def test_fit_from_recipe_then_translate(tmp_path, capsys):
         main(["translate", "--ckpt", str(ckpts[0]), "--tgt-lang", "xx", "Save"])
     assert exc.value.code == 2
     assert "'xx' is not a language of this model" in capsys.readouterr().err
+
+    # A second fresh run in the same folder replaces last.ckpt and starts its own metrics.csv.
+    main(["fit", "-c", str(recipe), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+    captured = capsys.readouterr()
+    assert "belongs to an earlier run" in captured.err
+    assert sorted(p.name for p in (run / "checkpoints").glob("last*.ckpt")) == ["last.ckpt"]
+    steps = [row["step"] for row in csv.DictReader((run / "metrics.csv").open()) if row.get("train/loss")]
+    assert steps == ["0", "1"]
+    assert not list(run.glob("version_*"))
 
 
 def test_translate_missing_checkpoint(tmp_path, capsys):
@@ -100,7 +116,61 @@ def test_gpt_recipe_fits(tmp_path, capsys):
 def test_module_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "lightning_moe", "--help"], capture_output=True, text=True, check=False)
     assert res.returncode == 0
-    assert "fit" in res.stdout
+    for command in COMMANDS:  # every command, one line each
+        assert sum(line.strip().startswith(command + " ") for line in res.stdout.splitlines()) == 1, command
+    assert "--model.help MultitaskTranslationModule" in res.stdout  # how to list the model fields
+    res = subprocess.run(
+        [sys.executable, "-m", "lightning_moe", "fit", "--help"], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0 and "--model.help" in res.stdout
+    assert "args parameter is intended" not in res.stderr  # no spurious LightningCLI warning
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--model.init_args.d_modl", "3"], "model.init_args.d_modl is not a field of MultitaskTranslationModule "
+         "(did you mean 'd_model'?)"),
+        (["--model.init_args.lr", "abc"], "model.init_args.lr: expected a float, got 'abc'"),
+        (["--trainer.max_stepz", "3"], "unknown option --trainer.max_stepz (did you mean '--trainer.max_steps'?)"),
+        (["--data.init_args.batch_size", "0"], "data: batch_size=0 must be >= 1"),
+    ],
+)  # fmt: skip
+def test_config_errors_are_one_line(override, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", str(ROOT / "recipes" / "m3_tiny.yaml"), *override])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert not any("Namespace(" in line or "usage:" in line for line in err)
+
+
+def test_unknown_command_suggests_one(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["translat", "--ckpt", "x"])
+    assert exc.value.code == 2 and "did you mean 'translate'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_max_time_stop_is_reported_loudly(tmp_path, capsys):
+    recipe = _small_recipe("m3_tiny.yaml", tmp_path, steps=100000)
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["trainer"].update(max_time="00:00:00:02", val_check_interval=100000, limit_val_batches=0)
+    recipe.write_text(yaml.safe_dump(cfg))
+    main(["fit", "-c", str(recipe)])
+    captured = capsys.readouterr()
+    assert "WARNING: max_time" in captured.out and "of max_steps=100000" in captured.err
+
+
+def test_progress_bar_counts_steps_not_negative_epochs():
+    from types import SimpleNamespace
+
+    from lightning_moe.callbacks import MoEProgressBar
+
+    bar = MoEProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=1200, global_step=300)
+    assert bar._get_train_description(4).strip() == "Epoch 4 · step 300/1200"
 
 
 @pytest.mark.parametrize("recipe", ["m3_tiny.yaml", "m3_tiny_dense.yaml", "gpt_moe_tiny.yaml"])

@@ -161,9 +161,9 @@ def test_datamodule_direction_and_task_frequencies(datamodule: MultilingualDataM
     dm._load_corpus()
     dm._set_tokenizer(datamodule.tokenizer)
     loader = dm.train_dataloader()
-    dataset = loader.dataset
+    dataset = loader.dataset.dataset  # the loader fetches whole batches through a wrapper
     directions = Counter()
-    for flat, _ in loader.sampler:
+    for flat, _ in loader.sampler.source:
         g = next(i for i in range(len(dataset.offsets) - 1) if flat < dataset.offsets[i + 1])
         directions[dm.directions[dataset.groups[g].direction]] += 1
     expected = dm.sampling_probabilities
@@ -427,18 +427,28 @@ def test_trainer_fit_with_worker_and_checkpoint(datamodule: MultilingualDataModu
     assert Tokenizer.from_dict(checkpoint["MultilingualDataModule"]["tokenizer"]) == datamodule.tokenizer
 
 
-def test_sampler_shards_under_lightning_distributed_wrapper(datamodule: MultilingualDataModule) -> None:
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+def test_train_loader_deals_whole_buckets_to_each_rank(datamodule: MultilingualDataModule) -> None:
+    from types import SimpleNamespace
 
-    loader = datamodule.train_dataloader()
+    from torch.utils.data import DistributedSampler
+
+    single = datamodule.train_dataloader()
+    # A DistributedSampler, so Lightning does not wrap it in its shuffling DistributedSamplerWrapper.
+    assert isinstance(single.sampler, DistributedSampler) and single.sampler.num_replicas == 1
+    every = single.sampler.source.batches(3)
     shards = []
     for rank in range(2):
-        wrapper = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        wrapper.set_epoch(3)
-        shards.append(list(wrapper))
-    assert loader.sampler.epoch == 3  # forwarded to our sampler
-    assert sorted(shards[0] + shards[1]) == sorted(loader.sampler)
-    example = loader.dataset[shards[1][0]]
+        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        try:
+            loader = datamodule.train_dataloader()
+        finally:
+            datamodule.trainer = None
+        loader.sampler.set_epoch(3)
+        shards.append(list(loader.sampler))
+        assert len(loader) == len(every) // 2
+    for rank, shard in enumerate(shards):
+        assert shard == every[rank::2][: len(every) // 2]  # whole length buckets, in order
+    example = single.dataset.dataset[shards[1][0][0]]
     assert example["src"][-1] == datamodule.tokenizer.eos_id
 
 
@@ -457,3 +467,17 @@ def test_length_bucketing_keeps_draws_and_groups_lengths():
         return sum(max(lengths[f] for f, _ in b) - min(lengths[f] for f, _ in b) for b in batches) / len(batches)
 
     assert mean_spread(bucketed) < 0.25 * mean_spread(plain)
+
+
+def test_misspelled_split_file_is_named_in_a_warning(tmp_path: Path) -> None:
+    from lightning_moe.data.corpus import CorpusWarning
+
+    record = {"src_lang": "en", "tgt_lang": "de", "src": "Save", "tgt": "Speichern"}
+    _write_jsonl(tmp_path / "train.jsonl", [record])
+    _write_jsonl(tmp_path / "validaton.jsonl", [record])
+    (tmp_path / "README.md").write_text("not a split file: no warning")
+    with pytest.warns(
+        CorpusWarning, match=r"validaton\.jsonl: 'validaton' is not a split name \(did you mean 'validation'\?\)"
+    ):
+        corpus = read_corpus(tmp_path)
+    assert len(corpus["train"]) == 1 and corpus["validation"] == []

@@ -53,9 +53,15 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _describe(name: str) -> str:
-    """A term's name as the error shows it: ``aux_loss of MoE layer 'model.encoder.layers.1.ffn'``."""
+    """A term's name as the error shows it: ``the router aux_loss of MoE layer 'model.encoder.layers.1.ffn'``."""
     term, _, layer = name.partition("@")
-    return f"router {term} of MoE layer {layer!r}" if layer else term
+    if layer:
+        return f"the router {term} of MoE layer {layer!r}"
+    if name == _LOSS:
+        return "the training loss"
+    if name == _GRAD_NORM:
+        return "the gradient norm"
+    return f"the training term {name!r}"
 
 
 class NonFiniteGuard(Callback):

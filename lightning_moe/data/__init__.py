@@ -1,5 +1,6 @@
 """Data: bundled multilingual corpus, tokenizer, denoising noise and the multitask DataModule."""
 
+from lightning_moe.data.batching import DistributedBatchSampler, ResumableDataLoader, ShuffledBatches
 from lightning_moe.data.corpus import (
     SPLITS,
     CorpusError,
@@ -24,8 +25,11 @@ __all__ = [
     "TASK_DENOISING",
     "TASK_TRANSLATION",
     "CorpusError",
+    "DistributedBatchSampler",
     "MultilingualDataModule",
     "ParallelExample",
+    "ResumableDataLoader",
+    "ShuffledBatches",
     "TemperatureSampler",
     "TextDataModule",
     "Tokenizer",

@@ -17,10 +17,12 @@ layout; ``scripts/build_corpus.py`` rebuilds it.
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -31,6 +33,7 @@ from lightning_moe.data.languages import check_language
 __all__ = [
     "SPLITS",
     "CorpusError",
+    "CorpusWarning",
     "ParallelExample",
     "bundled_corpus_dir",
     "dedupe",
@@ -217,11 +220,32 @@ def read_jsonl(path: str | Path) -> list[ParallelExample]:
     return examples
 
 
+class CorpusWarning(UserWarning):
+    """A file in a corpus directory is named like a split file but its split name is unknown, so it is ignored."""
+
+
+def _split_of(path: Path, name: str) -> str | None:
+    """The canonical split of a file's split name, or None (with a :class:`CorpusWarning`) for an unknown one."""
+    split = _SPLIT_ALIASES.get(name.lower())
+    if split is None:
+        close = difflib.get_close_matches(name.lower(), list(_SPLIT_ALIASES), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.warn(
+            f"{path}: {name!r} is not a split name{hint}, so this file is ignored; name it with one of "
+            f"{sorted(_SPLIT_ALIASES)}",
+            CorpusWarning,
+            stacklevel=3,
+        )
+    return split
+
+
 def read_corpus(data_dir: str | Path) -> dict[str, list[ParallelExample]]:
     """Read every corpus file in ``data_dir``, in either layout.
 
-    Files whose names match neither layout are ignored. Within a split, JSONL files
-    come first, then line-aligned pairs sorted by name, so the order is deterministic.
+    Files whose names match neither layout are ignored; a file named like a split file whose split
+    name is unknown (``validaton.jsonl``) is ignored with a :class:`CorpusWarning` that names it.
+    Within a split, JSONL files come first, then line-aligned pairs sorted by name, so the order is
+    deterministic.
 
     Args:
         data_dir: Directory holding ``{split}.jsonl[.gz]`` and/or ``{split}.{src}-{tgt}.{lang}`` files.
@@ -242,11 +266,11 @@ def read_corpus(data_dir: str | Path) -> dict[str, list[ParallelExample]]:
         if not path.is_file():
             continue
         if match := _JSONL_RE.match(path.name):
-            split = _SPLIT_ALIASES.get(match["split"].lower())
+            split = _split_of(path, match["split"])
             if split is not None:
                 corpus[split].extend(read_jsonl(path))
         elif match := _ALIGNED_RE.match(path.name):
-            split = _SPLIT_ALIASES.get(match["split"].lower())
+            split = _split_of(path, match["split"])
             if split is None:
                 continue
             src, tgt, lang = match["src"], match["tgt"], match["lang"]

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_moe.data.batching import DistributedBatchSampler, ResumableDataLoader, replicas_of
 from lightning_moe.data.corpus import (
     CorpusError,
     ParallelExample,
@@ -327,7 +328,12 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Temperature-sampled translation and denoising examples, ``samples_per_epoch`` per epoch."""
+        """Temperature-sampled translation and denoising examples, ``samples_per_epoch`` per epoch.
+
+        A :class:`~lightning_moe.data.batching.ResumableDataLoader`: each rank gets whole length buckets
+        (:class:`~lightning_moe.data.batching.DistributedBatchSampler`), and a checkpoint records how many
+        batches of the epoch were consumed, so a resumed run continues with the next one.
+        """
         self._require_setup()
         dataset = _TrainDataset(self._groups, self.tokenizer, self.noise_ratio, self.max_length)
         lengths = [len(src) + len(tgt) for g in self._groups for src, tgt in zip(g.sources, g.targets, strict=True)]
@@ -340,7 +346,14 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
             batch_size=self.batch_size,
             bucket_batches=self.bucket_batches,
         )
-        return self._loader(dataset, sampler=sampler)
+        num_replicas, rank = replicas_of(getattr(self, "trainer", None))
+        return ResumableDataLoader(
+            dataset,
+            DistributedBatchSampler(sampler, num_replicas, rank),
+            collate_fn=_Collate(Tokenizer.pad_id),
+            num_workers=self.num_workers,
+            seed=self.seed,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -391,11 +404,10 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
         if self._tokenizer is None or self._splits is None:
             raise RuntimeError("MultilingualDataModule is not set up; call datamodule.setup() (the Trainer does) first")
 
-    def _loader(self, dataset: Dataset, sampler: TemperatureSampler | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
+from lightning_moe.data.batching import DistributedBatchSampler, ResumableDataLoader, ShuffledBatches, replicas_of
 from lightning_moe.data.corpus import CorpusError, bundled_corpus_dir, hash_split, read_corpus
 from lightning_moe.data.languages import check_language
 from lightning_moe.data.tokenizer import Tokenizer, TokenizerCheckpointMixin
@@ -211,8 +212,15 @@ class LanguageModelDataModule(TokenizerCheckpointMixin, LightningDataModule):
         return dataset
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        if shuffle:  # training: seeded order per epoch, whole batches per rank, resumable mid-epoch
+            batches = ShuffledBatches(len(dataset), self.batch_size, seed=self.seed)  # type: ignore[arg-type]
+            num_replicas, rank = replicas_of(getattr(self, "trainer", None))
+            return ResumableDataLoader(
+                dataset, DistributedBatchSampler(batches, num_replicas, rank), collate_fn=default_collate,
+                num_workers=self.num_workers, seed=self.seed,
+            )  # fmt: skip
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+            dataset, batch_size=self.batch_size, shuffle=False,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 

@@ -110,28 +110,51 @@ class TemperatureSampler(Sampler[tuple[int, int]]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter([key for batch in self.batches(self.epoch) for key in batch])
+
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The draws of ``epoch`` cut into batches of ``batch_size`` (with bucketing: the length buckets).
+
+        Iterating the sampler yields these batches' draws one after another. For several devices,
+        :class:`~lightning_moe.data.batching.DistributedBatchSampler` deals these batches out whole.
+
+        Args:
+            epoch: the epoch; its draws depend on ``seed + epoch`` only.
+
+        Returns:
+            ``(flat_index, seed)`` pairs per batch, in training order; only the last may be smaller
+            than ``batch_size`` (without bucketing) or the last of each pool (with it).
+        """
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         groups = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         uniform = torch.rand(self.num_samples, generator=generator, dtype=torch.float64)
         within = (uniform * self._sizes[groups]).long().clamp_max(self._sizes[groups] - 1)
         flat = self._offsets[groups] + within
         seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
         if self._lengths is not None and self.bucket_batches > 0:
-            order = self._bucket_order(self._lengths[flat], generator)
-            flat, seeds = flat[order], seeds[order]
-        return iter(zip(flat.tolist(), seeds.tolist(), strict=True))
+            order = self._bucket_batches(self._lengths[flat], generator)
+        else:
+            order = list(torch.arange(self.num_samples).split(self.batch_size))
+        flat_list, seed_list = flat.tolist(), seeds.tolist()
+        return [[(flat_list[i], seed_list[i]) for i in batch.tolist()] for batch in order]
 
-    def _bucket_order(self, lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A permutation of the draws: sorted by length within pools, whole batches shuffled."""
+    def num_batches(self) -> int:
+        """How many batches :meth:`batches` returns per epoch."""
+        if self._lengths is not None and self.bucket_batches > 0:
+            pool = self.bucket_batches * self.batch_size
+            full, rest = divmod(self.num_samples, pool)
+            return full * self.bucket_batches + -(-rest // self.batch_size)
+        return -(-self.num_samples // self.batch_size)
+
+    def _bucket_batches(self, lengths: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """Batches of draw positions: sorted by length within pools, cut into batches, the batches shuffled."""
         pool = self.bucket_batches * self.batch_size
-        chunks = []
+        batches: list[torch.Tensor] = []
         for start in range(0, len(lengths), pool):
             chunk = lengths[start : start + pool]
-            chunks.append(start + torch.argsort(chunk, stable=True))
-        order = torch.cat(chunks)
-        batches = list(order.split(self.batch_size))
+            batches.extend((start + torch.argsort(chunk, stable=True)).split(self.batch_size))
         perm = torch.randperm(len(batches), generator=generator).tolist()
-        return torch.cat([batches[i] for i in perm])
+        return [batches[i] for i in perm]
 
     def __len__(self) -> int:
         return self.num_samples

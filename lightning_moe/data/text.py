@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from lightning import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
+from lightning_moe.data.batching import DistributedBatchSampler, ResumableDataLoader, ShuffledBatches, replicas_of
 from lightning_moe.data.corpus import CorpusError, bundled_corpus_dir, hash_split, read_corpus
 
 __all__ = ["TextDataModule", "load_tokenizer_json", "read_text_jsonl"]
@@ -176,11 +177,15 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"the training text is shorter than seq_len + 1 = {self.seq_len + 1} tokens")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(0)
-        return DataLoader(
-            self._datasets[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-            num_workers=self.num_workers, generator=generator,
-        )  # fmt: skip
+        dataset = self._datasets[split]
+        if shuffle:  # training: seeded order per epoch, whole batches per rank, resumable mid-epoch
+            batches = ShuffledBatches(len(dataset), self.batch_size, seed=0)
+            num_replicas, rank = replicas_of(getattr(self, "trainer", None))
+            return ResumableDataLoader(
+                dataset, DistributedBatchSampler(batches, num_replicas, rank), collate_fn=default_collate,
+                num_workers=self.num_workers,
+            )  # fmt: skip
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -136,12 +136,21 @@ def torch_load_safe(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _torch_weights_only_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles ``torch.distributed.checkpoint``'s ``.metadata``: its own classes, dtypes and paths only."""
 
     def find_class(self, module: str, name: str) -> Any:
         obj: Any = None
-        if module.startswith("torch.distributed.checkpoint."):
+        torch_safe = _torch_weights_only_globals()
+        if f"{module}.{name}" in torch_safe:  # what torch.load(weights_only=True) itself allows
+            obj = torch_safe[f"{module}.{name}"]
+        elif module.startswith("torch.distributed.checkpoint."):
             obj = getattr(importlib.import_module(module), name, None)
         elif module == "torch":
             candidate = getattr(torch, name, None)
@@ -162,7 +171,8 @@ def scan_checkpoint_directory(path: str | os.PathLike) -> None:
     """Check every pickle of a checkpoint directory for foreign objects, without running any of them.
 
     ``torch.save`` files (``common.pt``, ``meta.pt``, ``experts-*.pt``) are scanned statically;
-    ``.metadata`` of ``torch.distributed.checkpoint`` is read by a restricted unpickler.
+    ``.metadata`` of ``torch.distributed.checkpoint`` is read by a restricted unpickler (its
+    ``*.distcp`` shards hold tensors and ``torch.save`` items that DCP loads weights-only itself).
 
     Raises:
         CheckpointLoadError: naming the first file that holds a non-allowlisted object, or one that is
@@ -185,7 +195,7 @@ def scan_checkpoint_directory(path: str | os.PathLike) -> None:
                     f"{file} is empty or cut off ({type(e).__name__}); the checkpoint directory {path} is incomplete: "
                     "pass an earlier checkpoint, or copy the whole directory again"
                 ) from None
-        elif _starts_with_zip(file):
+        elif file.suffix != ".distcp" and _starts_with_zip(file):  # DCP reads its shards weights-only itself
             try:
                 safe_globals_for(file)
             except CheckpointLoadError:
