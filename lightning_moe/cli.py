@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +332,17 @@ def _translate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _has_tokenizer(path: Path, checkpoint: Mapping[str, Any]) -> None:
+    """``translate`` needs the tokenizer that MultitaskTranslationModule saves in its checkpoints."""
+    saved = checkpoint.get("lightning_moe")
+    if not isinstance(saved, Mapping) or not saved.get("tokenizer"):
+        keys = sorted(saved) if isinstance(saved, Mapping) else []
+        raise CheckpointLoadError(
+            f"{path} carries no tokenizer (its 'lightning_moe' entry holds {keys}), so it cannot translate text; "
+            "pass a checkpoint written by MultitaskTranslationModule (lightning-moe fit -c recipes/m3_tiny.yaml)"
+        )
+
+
 def translate_main(argv: Sequence[str]) -> int:
     """``lightning-moe translate``: load a checkpoint and translate sentences.
 
@@ -344,7 +355,7 @@ def translate_main(argv: Sequence[str]) -> int:
     args = _translate_parser().parse_args(list(argv))
     from lightning_moe.modules.translation import MultitaskTranslationModule
 
-    with checkpoint_file(args.ckpt, module=MultitaskTranslationModule) as path:
+    with checkpoint_file(args.ckpt, module=MultitaskTranslationModule, require=_has_tokenizer) as path:
         module = MultitaskTranslationModule.from_checkpoint(path)
     languages = list(module.tokenizer.languages)
     if args.tgt_lang not in languages:

@@ -181,3 +181,39 @@ def test_directory_scan_refuses_foreign_objects_before_anything_loads(tmp_path):
         dcp_api.save({"w": torch.zeros(3), "step": 1}, checkpoint_id=str(good))
     torch.save({"loops": {}}, good / "meta.pt")
     scan_checkpoint_directory(good)
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_checkpoint(tmp_path_factory) -> Path:
+    """A distributed checkpoint directory of ExpertParallelStrategy (2 CPU processes, 3 steps)."""
+    out = tmp_path_factory.mktemp("ep")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "tests" / "resume_job.py"), str(out), "--devices", "2", "--steps", "3"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_consolidate_reads_an_expert_parallel_directory(expert_parallel_checkpoint, tmp_path, capsys):
+    assert expert_parallel_checkpoint.is_dir()
+    with pytest.raises(SystemExit) as exc:
+        main(["consolidate", str(expert_parallel_checkpoint), str(tmp_path / "one.ckpt")])
+    assert exc.value.code == 0 and "2 MoE layers, experts [4, 4]" in capsys.readouterr().out
+    one = load_checkpoint(tmp_path / "one.ckpt", module=MultitaskTranslationModule)
+    assert one["state_dict"]["model.encoder.0.ffn.experts.w1"].shape[0] == 4  # every expert, stacked
+    assert not list(expert_parallel_checkpoint.parent.glob(".consolidate-*"))  # temporary folders removed
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_translate_reads_an_expert_parallel_directory(expert_parallel_checkpoint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["translate", "--ckpt", str(expert_parallel_checkpoint), "--tgt-lang", "de", "--max-length", "4", "Save"])
+    captured = capsys.readouterr()
+    if exc.value.code == 2 and "carries no tokenizer (its 'lightning_moe' entry holds ['experts'" in captured.err:
+        # ExpertParallelStrategy stores its format record under checkpoint["lightning_moe"] (its FORMAT_KEY), the
+        # key where MultitaskTranslationModule keeps the tokenizer; until that is fixed, a clear one-line error.
+        pytest.xfail("ExpertParallelStrategy overwrites checkpoint['lightning_moe'] (the modules' tokenizer)")
+    assert exc.value.code == 0 and len(captured.out.splitlines()) == 1, captured.err

@@ -32,7 +32,7 @@ import pathlib
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -426,7 +426,11 @@ def load_checkpoint(
 
 @contextlib.contextmanager
 def checkpoint_file(
-    path: str | os.PathLike, *, module: type | None = None, keep_directories: bool = False
+    path: str | os.PathLike,
+    *,
+    module: type | None = None,
+    keep_directories: bool = False,
+    require: Callable[[Path, Mapping[str, Any]], None] | None = None,
 ) -> Iterator[str]:
     """Check a checkpoint like :func:`load_checkpoint` and yield a path Lightning can read.
 
@@ -438,6 +442,8 @@ def checkpoint_file(
         path: the checkpoint file or directory.
         module: the LightningModule class the checkpoint must belong to.
         keep_directories: hand directories through (after their scan) instead of consolidating them.
+        require: a further check of the loaded checkpoint (``require(path, checkpoint)``) that raises
+            :class:`CheckpointLoadError`; not applied to directories handed through.
 
     Yields:
         The path to pass as ``ckpt_path``.
@@ -447,7 +453,10 @@ def checkpoint_file(
     """
     p = Path(path)
     if not p.is_dir():
-        load_checkpoint(p, module=module)
+        checkpoint = load_checkpoint(p, module=module)
+        if require is not None:
+            require(p, checkpoint)
+        del checkpoint
         yield str(p)
         return
     if keep_directories:
@@ -460,5 +469,7 @@ def checkpoint_file(
         checkpoint = read_checkpoint_file(merged, "cpu")
         _check_kind(p, checkpoint, module)
         _check_finite(p, checkpoint)
+        if require is not None:
+            require(p, checkpoint)
         del checkpoint
         yield str(merged)
