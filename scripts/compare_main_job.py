@@ -2,7 +2,7 @@
 
 Usage (after `lightning-moe fit -c recipes/m3_tiny.yaml` and `... m3_tiny_dense.yaml`):
 
-    python scripts/compare_main_job.py runs/m3_tiny/csv/version_0 runs/m3_tiny_dense/csv/version_0 \
+    python scripts/compare_main_job.py runs/m3_tiny runs/m3_tiny_dense \
         --png docs/images/m3_tiny_vs_dense_val_loss.png
 """
 
