@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import importlib
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,8 @@ def run_recipe(recipe: Mapping[str, Any], subcommand: str = "fit", ckpt_path: st
 
     Raises:
         ValueError: if the subcommand is unknown or the recipe lacks ``model``.
+        CheckpointLoadError: if ``ckpt_path`` is not a usable checkpoint of the recipe's model (checked
+            by :func:`lightning_moe.io.checkpoint_file` before the run).
     """
     import lightning as L
 
@@ -163,11 +166,22 @@ def run_recipe(recipe: Mapping[str, Any], subcommand: str = "fit", ckpt_path: st
     seed = recipe.get("seed_everything")
     if seed is not None and seed is not False:
         L.seed_everything(None if seed is True else int(seed), workers=True)
+    from lightning.pytorch.plugins import TorchCheckpointIO
+
+    from lightning_moe.io import AtomicCheckpointIO, checkpoint_file
+
     trainer_hints = _hints(L.Trainer)
     trainer = L.Trainer(**{k: instantiate(v, trainer_hints.get(k)) for k, v in (recipe.get("trainer") or {}).items()})
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # as the lightning-moe command: atomic writes
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     model = instantiate(recipe["model"])
     data = instantiate(recipe["data"]) if recipe.get("data") else None
-    getattr(trainer, subcommand)(model, datamodule=data, ckpt_path=ckpt_path)
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry"):
+        getattr(trainer, subcommand)(model, datamodule=data, ckpt_path=ckpt_path)
+        return trainer
+    keep_directories = type(trainer.strategy).__name__ == "ExpertParallelStrategy"
+    with checkpoint_file(ckpt_path, module=type(model), keep_directories=keep_directories) as path:
+        getattr(trainer, subcommand)(model, datamodule=data, ckpt_path=path)
     return trainer
 
 
@@ -185,7 +199,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(args.config)
     for assignment in args.set:
         apply_override(recipe, assignment)
-    trainer = run_recipe(recipe, args.subcommand, args.ckpt_path)
+    from lightning_moe.callbacks.non_finite import NonFiniteError
+    from lightning_moe.io import CheckpointLoadError
+
+    try:
+        trainer = run_recipe(recipe, args.subcommand, args.ckpt_path)
+    except CheckpointLoadError as e:  # one line, as the lightning-moe command prints it
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     if trainer.is_global_zero:
         callback = trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") or ""

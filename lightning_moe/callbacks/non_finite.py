@@ -105,6 +105,7 @@ class NonFiniteGuard(Callback):
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._index: dict[str, int] = {}  # term name -> row of the records below
+        self._rows: dict[tuple[tuple[str, ...], torch.device], Tensor] = {}  # cached row indices per term list
         self._first_step: Tensor | None = None  # [terms] int64: first step each term was non-finite
         self._first_value: Tensor | None = None  # [terms] float32: its value then
         self._step_ok: Tensor | None = None  # () bool: every term of the current step is finite (skip policy)
@@ -128,7 +129,10 @@ class NonFiniteGuard(Callback):
                 first[:old] = self._first_step.to(device)
                 value[:old] = self._first_value.to(device)  # type: ignore[union-attr]
             self._first_step, self._first_value = first, value
-        rows = torch.tensor([self._index[n] for n in names], device=device)
+        key = (tuple(names), device)
+        rows = self._rows.get(key)
+        if rows is None:  # built once per set of terms: a host-to-device copy every step would sync
+            rows = self._rows[key] = torch.tensor([self._index[n] for n in names], device=device)
         finite_T = torch.isfinite(values_T)
         new_bad_T = ~finite_T & (self._first_step[rows] == _NEVER)
         self._first_step[rows] = torch.where(new_bad_T, step, self._first_step[rows])

@@ -243,9 +243,9 @@ def _moe(led: _Ledger, prefix: str, t: int, s: _Shape, masked: bool = False) -> 
         save(x_compute, f"{prefix} expert input (compute dtype)", c * D * t)
         # row order, and the expert counts: a view of the router's int32 workspace (slot ranks, the
         # per-block histograms and their offsets, counts), which the view keeps alive
-        blocks = _router_blocks(t)
-        led.add(f"{prefix} row order and router workspace", _INT32 * P + _INT32 * (P + 2 * blocks * K * E + E))
-        if not recompute:
+        if not recompute:  # recomputed: the fused kernel's saved row order is dropped with the rest
+            blocks = _router_blocks(t)
+            led.add(f"{prefix} row order and router workspace", _INT32 * P + _INT32 * (P + 2 * blocks * K * E + E))
             hidden = 3 if s.activation == "swiglu" else 2
             led.add(f"{prefix} expert hidden g/u/h (all T*K slots)", hidden * c * s.F * P)
             led.add(f"{prefix} expert output slots", c * D * P)
@@ -419,6 +419,8 @@ def estimate_activations(
                 "bfloat16 memory copies (decoder checkpoint inputs)", n_decoder * s.dt.compute * s.D * memory_tokens
             )
         parts.add("encoder output", encoder.total)
+        if full:  # the source and target padding masks, inputs of every checkpointed block
+            parts.add("padding masks (checkpoint inputs)", _BOOL * (memory_tokens + t))
     head = _Ledger()
     _head(head, t, V, s, label_smoothing=isinstance(config, TransformerConfig))
     parts.add("head and loss", head.total)

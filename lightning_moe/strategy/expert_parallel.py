@@ -292,6 +292,10 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         fitting_train = trainer is not None and trainer.training
         if self._dims is None or self._dims.expert_parallel_size == 1 or fitting_train or self.world_size == 1:
             return dataloader
+        try:
+            len(dataloader)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: the user's loader must be even
+            return dataloader
         return _EvenBatches(dataloader, self)
 
     # ---------------------------------------------------------------------------------------------
@@ -372,27 +376,31 @@ class _EvenBatches:
     def __init__(self, dataloader: Iterable, strategy: ExpertParallelStrategy) -> None:
         self.dataloader = dataloader
         self.strategy = strategy
+        self._length: int | None = None
+
+    def _max_length(self) -> int:
+        """The most batches any rank has (one collective, the first time every rank asks)."""
+        if self._length is None:
+            count = torch.tensor(len(self.dataloader), device=self.strategy.root_device)  # type: ignore[arg-type]
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            self._length = int(count)
+        return self._length
 
     def __len__(self) -> int:
-        return len(self.dataloader)  # type: ignore[arg-type]
+        return self._max_length()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.dataloader, name)
 
     def __iter__(self) -> Iterator[Any]:
-        try:
-            local = len(self.dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            yield from self.dataloader
-            return
-        device = self.strategy.root_device
-        count = torch.tensor(local, device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        total = self._max_length()
         last = None
+        count = 0
         for batch in self.dataloader:
             last = batch
+            count += 1
             yield batch
-        for _ in range(int(count) - local):
+        for _ in range(total - count):
             yield _empty_like(last)
 
 

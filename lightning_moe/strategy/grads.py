@@ -45,7 +45,11 @@ def _replicas(tensor: Tensor, world_size: int) -> int:
     if not isinstance(tensor, DTensor):
         return world_size
     mesh = tensor.device_mesh
-    shards = math.prod(mesh.size(d) for d, p in enumerate(tensor.placements) if p.is_shard())
+    # Shard and _StridedShard (FSDP2 over an expert-parallel DTensor) split a dim; is_shard() is
+    # False for the latter, so count every placement that is neither replicated nor partial.
+    shards = math.prod(
+        mesh.size(d) for d, p in enumerate(tensor.placements) if not (p.is_replicate() or p.is_partial())
+    )
     return world_size // shards
 
 
