@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import warnings
@@ -187,7 +188,10 @@ def test_directory_scan_refuses_foreign_objects_before_anything_loads(tmp_path):
 def expert_parallel_checkpoint(tmp_path_factory) -> Path:
     """A distributed checkpoint directory of ExpertParallelStrategy (2 CPU processes, 3 steps)."""
     out = tmp_path_factory.mktemp("ep")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a rendezvous port of its own (other 2-process tests may run beside it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
     cmd = [sys.executable, str(ROOT / "tests" / "resume_job.py"), str(out), "--devices", "2", "--steps", "3"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True, check=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
