@@ -109,6 +109,7 @@ class NonFiniteGuard(Callback):
         self._first_step: Tensor | None = None  # [terms] int64: first step each term was non-finite
         self._first_value: Tensor | None = None  # [terms] float32: its value then
         self._step_ok: Tensor | None = None  # () bool: every term of the current step is finite (skip policy)
+        self._last_checked = -1
 
     # ------------------------------------------------------------------ recording (no host sync)
 
@@ -176,7 +177,9 @@ class NonFiniteGuard(Callback):
                 # outputs come after the optimizer step: they belong to the step that just finished
                 self._record([k for k, _ in extra], [v for _, v in extra], trainer.global_step - 1)
         every = self.check_every_n_steps or max(int(trainer.log_every_n_steps), 1)
-        if self.policy == "stop" and trainer.global_step % every == 0:
+        step = trainer.global_step
+        if self.policy == "stop" and step % every == 0 and step != self._last_checked:
+            self._last_checked = step  # once per optimizer step, also with gradient accumulation
             self.check(trainer)
 
     # ------------------------------------------------------------------ skip policy
