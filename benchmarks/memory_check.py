@@ -61,9 +61,18 @@ SMOKE_MODEL: dict[str, Any] = dict(
 )  # fmt: skip
 
 
-def _cases(smoke: bool) -> list[dict[str, Any]]:
+def _device_memory() -> int:
+    """Bytes of memory of GPU 0 (0 without CUDA), read in this process."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 0
+
+
+def _cases(smoke: bool, steps: int = 3, device_memory: int = 0) -> list[dict[str, Any]]:
     """The cases in the order they run (most important first)."""
-    model = SMOKE_MODEL if smoke else BASE_MODEL
+    model = SMOKE_MODEL if smoke else dict(BASE_MODEL)
+    if not smoke and 0 < device_memory < 100 * GiB:  # an 80 GB H100: 5 of the 8 layers (about 60 GiB)
+        model["n_layers"] = 5
     batch, seq = (2, 32) if smoke else (8, 2048)
     base = dict(model=model, batch_size=batch, seq_len=seq, data_parallel="fsdp", activation_checkpointing=None,
                 cpu_offload=False, moe_backend="torch" if smoke else "triton", steps=3)  # fmt: skip
@@ -72,8 +81,8 @@ def _cases(smoke: bool) -> list[dict[str, Any]]:
         return {**base, "name": name, **changes}
 
     cases = [
-        case("fsdp"),
-        case("ddp", data_parallel="ddp"),
+        case("fsdp", steps=steps),
+        case("ddp", data_parallel="ddp", steps=steps),
         case("fsdp+ac_full", activation_checkpointing="full"),
         case("fsdp+ac_experts", activation_checkpointing="experts"),
         case("fsdp+offload", cpu_offload=True),
@@ -346,6 +355,7 @@ def main() -> None:
     parser.add_argument("--cases", default="all", help="comma-separated case names, or 'all'")
     parser.add_argument("--no-search", action="store_true", help="skip the largest-model search")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (gloo, 32-true): checks the script")
+    parser.add_argument("--steps", type=int, default=3, help="training steps of the fsdp and ddp cases (timed from 2)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -356,7 +366,8 @@ def main() -> None:
 
     start = time.time()
     deadline = start + args.budget_s
-    cases = _cases(args.cpu_smoke)
+    device_memory = 0 if args.cpu_smoke else _device_memory()
+    cases = _cases(args.cpu_smoke, args.steps, device_memory)
     for case in cases:
         case["precision"] = "32-true" if args.cpu_smoke else "bf16-mixed"
         case["cpu"] = args.cpu_smoke
@@ -381,8 +392,8 @@ def main() -> None:
         )
     searches = []
     if not args.no_search and not args.cpu_smoke:
-        gpu_total = next((r["device_total"] for r in results if "device_total" in r), 139 * GiB)
-        base = next(c for c in _cases(False) if c["name"] == "fsdp")
+        gpu_total = device_memory or next((r["device_total"] for r in results if "device_total" in r), 139 * GiB)
+        base = next(c for c in _cases(False, 2, device_memory) if c["name"] == "fsdp")
         base = {**base, "precision": "bf16-mixed", "cpu": False}
         for offload in (False, True):
             if time.time() > deadline - 45:

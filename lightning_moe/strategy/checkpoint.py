@@ -6,7 +6,7 @@ A checkpoint is a directory written by ``torch.distributed.checkpoint`` (DCP)::
       .metadata          DCP: every tensor's global shape and which file holds which chunk
       __0_0.distcp ...   DCP: each rank's shards (a replicated shard is written once)
       meta.pt            rank 0: the rest of the Lightning checkpoint (loops, callbacks, schedulers,
-                         hyper-parameters) and ``["lightning_moe"]``: format version, the layout it
+                         hyper-parameters) and ``["expert_parallel_checkpoint"]``: format version, the layout it
                          was written at, ``{expert weight key: (MoE layer, num_experts)}``
 
 Tensors are stored under ``state_dict.<parameter>`` and ``optimizer_<i>.state.<parameter>.<state>``
@@ -48,7 +48,7 @@ from lightning_moe.strategy.legacy_checkpoint import (
 FORMAT_VERSION = 2
 META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 DCP_METADATA_FILE = ".metadata"
-FORMAT_KEY = "lightning_moe"
+FORMAT_KEY = "expert_parallel_checkpoint"  # not "lightning_moe": the modules keep their tokenizer there
 MODEL_KEY = "state_dict"
 
 

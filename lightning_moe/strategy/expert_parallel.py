@@ -22,7 +22,8 @@ Built on Lightning's ``ModelParallelStrategy`` (launchers, cluster environments,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -269,6 +270,20 @@ class ExpertParallelStrategy(ModelParallelStrategy):
     @override
     def model_to_device(self) -> None:
         self._move_to_device()
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        """Modules built here (``configure_model``, ``trainer.init_module()``) go on the meta device.
+
+        Each rank then materialises only its own shards at setup (``empty_init=False`` builds them
+        in host memory instead).
+        """
+        with (
+            torch.device("meta") if empty_init is not False else nullcontext(),
+            self.precision_plugin.tensor_init_context(),
+        ):
+            yield
 
     # ---------------------------------------------------------------------------------------------
     # precision and clipping
