@@ -354,11 +354,11 @@ _SHARD_CASES = {
 def _shard_worker(world: int) -> None:
     """Each rank's bytes of parameter storage after the strategy's parallelize, against the estimate."""
     import torch.distributed as dist
-    from lightning_moe.strategy.parallelize import ParallelizeConfig, parallelize
     from torch import nn
     from torch.distributed.tensor import DTensor
 
     from lightning_moe.strategy.mesh import ParallelDims
+    from lightning_moe.strategy.parallelize import ParallelizeConfig, parallelize
 
     dist.init_process_group("gloo")
     out = []

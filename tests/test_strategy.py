@@ -180,7 +180,13 @@ def test_meta_device_materialisation_equals_the_normal_init(family):
         if family == "encoder_decoder":
             return EncoderDecoderTransformer(
                 TransformerConfig(
-                    vocab_size=30, d_model=16, n_heads=2, d_ff=32, num_experts=4, expert_bias=True, bias_update_rate=0.001
+                    vocab_size=30,
+                    d_model=16,
+                    n_heads=2,
+                    d_ff=32,
+                    num_experts=4,
+                    expert_bias=True,
+                    bias_update_rate=0.001,
                 )
             )
         return MoEDecoder(DecoderConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,

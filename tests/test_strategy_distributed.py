@@ -120,7 +120,10 @@ class _Recorder(L.Callback):
             torch.save({"weights": weights, "moments": moments}, self.out / "restored.pt")
         if isinstance(trainer.strategy, ExpertParallelStrategy):
             # Each rank's bytes of parameters: its own shards.
-            local = {n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for n, p in pl_module.named_parameters()}
+            local = {
+                n: (p.to_local() if hasattr(p, "to_local") else p).detach().clone()
+                for n, p in pl_module.named_parameters()
+            }
             torch.save(sum(t.numel() for t in local.values()), self.out / f"local_numel_rank{trainer.global_rank}.pt")
             torch.save(local, self.out / f"local_rank{trainer.global_rank}.pt")
 
