@@ -32,6 +32,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_moe.io.checkpoint_loader import CheckpointLoadError, checkpoint_file, load_checkpoint
@@ -111,7 +112,10 @@ class MoECLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # e.g. enable_progress_bar=False with a bar callback
+            raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             from lightning_moe.io import AtomicCheckpointIO
 

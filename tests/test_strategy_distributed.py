@@ -40,11 +40,13 @@ DATA = Path(__file__).parent / "data"
 class TinyMoELM(L.LightningModule):
     """Embedding, two MoE layers (the second with a shared expert), LayerNorm, head."""
 
-    def __init__(self, num_experts: int = 4, lr: float = 1e-2) -> None:
+    def __init__(self, num_experts: int = 4, lr: float = 1e-2, aux: bool = False, virtual_ranks: int = 1) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.embed = nn.Embedding(VOCAB, HIDDEN)
         kwargs = dict(capacity_factor=None, aux_loss_weight=0.0, random_token_selection=False, backend="torch")
+        if aux:  # capacity (drops tokens) and the load-balancing and z losses, all computed per rank
+            kwargs.update(capacity_factor=1.0, min_capacity=1, aux_loss_weight=0.05, z_loss_weight=0.01)
         self.moes = nn.ModuleList(
             [
                 MoE(HIDDEN, 24, num_experts, top_k=2, **kwargs),
@@ -68,6 +70,8 @@ class TinyMoELM(L.LightningModule):
         (tokens,) = batch
         logits = self(tokens[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        if self.hparams.aux:
+            loss = loss + sum(moe.aux_loss for moe in self.moes)
         self.step_losses.append(loss.detach())
         return loss
 
@@ -78,6 +82,17 @@ class TinyMoELM(L.LightningModule):
     def train_dataloader(self):
         # Rank r takes sequences r, r + W, ...: global batch b is sequences [8b, 8b + 8) at any W.
         world, rank = self.trainer.world_size, self.trainer.global_rank
+        virtual = self.hparams.virtual_ranks
+        if virtual > 1:
+            # One process playing `virtual` ranks: global batch b becomes `virtual` micro-batches, the
+            # one rank r would see in turn (accumulated), so per-rank capacity and aux losses match.
+            per = GLOBAL_BATCH // virtual
+            batches = [
+                [GLOBAL_BATCH * b + r + virtual * i for i in range(per)]
+                for b in range(NUM_SEQ // GLOBAL_BATCH)
+                for r in range(virtual)
+            ]
+            return DataLoader(dataset(), batch_sampler=batches)
         data = Subset(dataset(), list(range(rank, NUM_SEQ, world)))
         return DataLoader(data, batch_size=GLOBAL_BATCH // world, shuffle=False)
 
@@ -153,21 +168,27 @@ def run_worker(cfg: dict) -> None:
         L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)) + 7, verbose=False)
     else:
         L.seed_everything(0, verbose=False)
-    model = TinyMoELM(num_experts=cfg.get("num_experts", 4))
+    model = TinyMoELM(
+        num_experts=cfg.get("num_experts", 4), aux=cfg.get("aux", False), virtual_ranks=cfg.get("virtual", 1)
+    )
     if cfg["ep"] is None:
         strategy = "auto"
     elif isinstance(cfg["ep"], str):
         strategy = cfg["ep"]  # a registered name
     else:
         strategy = ExpertParallelStrategy(expert_parallel_size=cfg["ep"], data_parallel=cfg.get("mode", "fsdp"))
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "ckpts", save_top_k=-1, every_n_epochs=1)
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=out / "ckpts", save_top_k=-1, every_n_epochs=1, save_last=bool(cfg.get("kill_in_save"))
+    )
+    if cfg.get("kill_in_save"):
+        _kill_while_replacing_last()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=cfg["devices"],
         strategy=strategy,
         precision=cfg.get("precision", "32-true"),
         max_epochs=cfg.get("epochs", 2),
-        accumulate_grad_batches=ACCUMULATE,
+        accumulate_grad_batches=ACCUMULATE * cfg.get("virtual", 1),
         gradient_clip_val=cfg.get("clip", 0.05),
         callbacks=[ckpt, _Recorder(out)],
         logger=False,
@@ -184,6 +205,25 @@ def run_worker(cfg: dict) -> None:
         torch.save(len(predictions), out / f"predictions_rank{trainer.global_rank}.pt")
         return
     trainer.fit(model, ckpt_path=cfg.get("resume"))
+
+
+def _kill_while_replacing_last() -> None:
+    """``kill -9`` this process halfway through the fourth distributed save: epoch 1's ``last.ckpt``."""
+    import signal
+
+    import torch.distributed.checkpoint as dcp
+
+    save, calls = dcp.save, []
+
+    def dying_save(state, checkpoint_id=None, **kwargs):
+        calls.append(checkpoint_id)
+        if len(calls) == 4:  # epoch 0: epoch=0-step=4.ckpt, last.ckpt; epoch 1: epoch=1-step=8.ckpt, last.ckpt
+            save(state, checkpoint_id=checkpoint_id, **kwargs)  # the shards are written, the metadata is not
+            (Path(checkpoint_id) / "meta.pt").write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    dcp.save = dying_save
 
 
 def launch(cfg: dict, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -249,6 +289,24 @@ def test_parallel_runs_match_one_process(runs, name):
     torch.testing.assert_close(_load(runs[name], "losses.pt"), ref_losses, rtol=0, atol=1e-5)
     assert_same(_load(runs[name], "grads.pt"), _load(runs["ref"], "grads.pt"), atol=1e-6, rtol=1e-5)
     assert_same(_load(runs[name], "final.pt"), _load(runs["ref"], "final.pt"))
+
+
+@pytest.mark.distributed
+def test_with_capacity_and_aux_loss_two_ranks_equal_one_process_playing_both(tmp_path):
+    """What holds with capacity and aux losses on: each rank computes capacity, the load-balancing
+    loss and the z-loss from its own tokens (DeepSpeed's semantics), so EP=2 on 2 ranks trains as
+    one process that runs each rank's share as a separate accumulated micro-batch, not as one
+    process on the whole global batch."""
+    ep2 = train({"devices": 2, "ep": 2, "aux": True, "out": str(tmp_path / "ep2")})
+    one = train({"devices": 1, "ep": None, "aux": True, "virtual": 2, "out": str(tmp_path / "one")})
+    whole = train({"devices": 1, "ep": None, "aux": True, "out": str(tmp_path / "whole")})
+    # per-rank losses: rank r's micro-batch m is the virtual run's micro-batch 2 m + r
+    ep2_losses, one_losses = _load(ep2, "losses.pt"), _load(one, "losses.pt").view(-1, 2).mean(1)
+    torch.testing.assert_close(ep2_losses, one_losses, rtol=0, atol=1e-5)
+    assert_same(_load(ep2, "final.pt"), _load(one, "final.pt"))
+    # ... and differs from one process on the whole global batch (capacity and aux over 8 sequences).
+    diff = (_load(ep2, "final.pt")["moes.0.router.weight"] - _load(whole, "final.pt")["moes.0.router.weight"]).abs()
+    assert diff.max() > 1e-4
 
 
 @pytest.mark.distributed
@@ -334,6 +392,21 @@ def test_replicas_start_equal_with_rank_dependent_seeds(tmp_path):
     rank0, rank1 = _load(out, "local_rank0.pt"), _load(out, "local_rank1.pt")
     assert_same(rank0, rank1, atol=0)
     torch.testing.assert_close(rank0["moes.0.experts.w1"], inits[0]["moes.0.experts.w1"], rtol=0, atol=0)
+
+
+@pytest.mark.distributed
+def test_a_save_killed_halfway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    proc = launch({"devices": 1, "ep": 1, "kill_in_save": True, "out": str(tmp_path)})
+    assert proc.returncode == -9  # killed inside the save that replaces last.ckpt
+    assert read_full_checkpoint(tmp_path / "ckpts" / f"epoch=1-step={2 * STEPS_PER_EPOCH}.ckpt")["epoch"] == 1
+    last = tmp_path / "ckpts" / "last.ckpt"
+    checkpoint = read_full_checkpoint(last)  # the previous version, whole
+    epoch0 = read_full_checkpoint(tmp_path / "ckpts" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt")
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == STEPS_PER_EPOCH
+    assert_same(checkpoint["state_dict"], epoch0["state_dict"], atol=0)
+    # and training resumes from it
+    resumed = train({"devices": 1, "ep": 1, "resume": str(last), "out": str(tmp_path / "resumed")})
+    assert _load(resumed, "losses.pt").numel() == NUM_SEQ // GLOBAL_BATCH
 
 
 @pytest.mark.distributed

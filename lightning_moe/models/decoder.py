@@ -16,7 +16,7 @@ token: causal queries never see the padding keys after them, and padding stays o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +301,7 @@ class MoEDecoder(nn.Module):
         temperature: float = 0.0,
         top_k: int | None = None,
         eos_id: int | None = None,
+        sync_finished: Callable[[bool], bool] | None = None,
     ) -> Tensor:
         """Continue prompts of equal length with the KV cache (greedy by default).
 
@@ -310,11 +311,13 @@ class MoEDecoder(nn.Module):
             temperature: softmax temperature; 0 picks the most likely token (greedy).
             top_k: sample only among the ``top_k`` most likely tokens.
             eos_id: stop once every row has produced this token (later positions repeat it).
+            sync_finished: under expert parallelism, shares "this process has finished" with the others
+                (see :func:`~lightning_moe.models.sampling.generate_tokens`).
 
         Returns:
             ``[B, T + n]`` ids, prompt included, ``n <= max_new_tokens``.
         """
-        return generate_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, eos_id)
+        return generate_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, eos_id, sync_finished)
 
     def moe_layers(self) -> Iterator[MoE]:
         """The MoE layers, in layer order."""

@@ -9,7 +9,7 @@ by default), final LayerNorm, output projection tied to the token embedding.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,7 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         eos_id: int | None = None,
+        sync_finished: Callable[[bool], bool] | None = None,
     ) -> Tensor:
         """Continue prompts of equal length with the KV cache.
 
@@ -99,11 +100,13 @@ class GPT(nn.Module):
             temperature: softmax temperature; 0 picks the most likely token (greedy).
             top_k: sample only among the ``top_k`` most likely tokens.
             eos_id: stop once every row has produced this token (later positions repeat it).
+            sync_finished: under expert parallelism, shares "this process has finished" with the others
+                (see :func:`~lightning_moe.models.sampling.generate_tokens`).
 
         Returns:
             ``[B, T + n]`` ids, prompt included, ``n <= max_new_tokens``.
         """
-        return generate_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, eos_id)
+        return generate_tokens(self, input_ids_BT, max_new_tokens, temperature, top_k, eos_id, sync_finished)
 
     def moe_layers(self) -> Iterator[MoE]:
         """The MoE layers, in layer order."""

@@ -9,6 +9,7 @@ Works with any model called as ``model(new_ids_BT, cache=cache) -> logits [B, T,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,8 +24,13 @@ def generate_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     eos_id: int | None = None,
+    sync_finished: Callable[[bool], bool] | None = None,
 ) -> Tensor:
     """Append up to ``max_new_tokens`` tokens to prompts of equal length.
+
+    With expert parallelism every process must run the same number of steps (the MoE layers
+    exchange tokens): pass ``sync_finished`` (e.g. ``strategy.reduce_boolean_decision`` with
+    ``all=True``) to stop only when every process has finished.
 
     Args:
         model: the decoder (see the module docstring).
@@ -33,6 +39,7 @@ def generate_tokens(
         temperature: softmax temperature; 0 picks the most likely token (greedy).
         top_k: sample only among the ``top_k`` most likely tokens.
         eos_id: stop once every row has produced this token (later positions repeat it).
+        sync_finished: maps "this process has finished" to the decision shared by all processes.
 
     Returns:
         ``[B, T + n]`` ids, prompt included, ``n <= max_new_tokens``.
@@ -56,8 +63,12 @@ def generate_tokens(
             finished_B = finished_B | (next_B == eos_id)
         new_BT = next_B[:, None]
         ids_BT = torch.cat([ids_BT, new_BT], dim=1)
-        if eos_id is not None and bool(finished_B.all()):
-            break
+        if eos_id is not None:
+            done = bool(finished_B.all())
+            if sync_finished is not None:
+                done = sync_finished(done)
+            if done:
+                break
     return ids_BT
 
 

@@ -9,9 +9,11 @@ The model is built once the vocabulary size is known: ``vocab_size=``, the datam
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -156,6 +158,13 @@ class LanguageModelModule(LightningModule):
         if vocab_size is not None:
             self._build(int(vocab_size))
 
+    def _sync_finished(self) -> Callable[[bool], bool] | None:
+        """With several processes, agree on when generation stops (MoE layers exchange tokens)."""
+        if self._trainer is None or self.trainer.world_size <= 1 or not dist.is_initialized():
+            return None
+        strategy = self.trainer.strategy
+        return lambda done: bool(strategy.reduce_boolean_decision(done, all=True))
+
     def _require_model(self) -> GPT:
         if self.model is None:
             raise RuntimeError(
@@ -286,7 +295,10 @@ class LanguageModelModule(LightningModule):
         was_training = model.training
         model.eval()
         try:
-            out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id)
+            out = model.generate(
+                ids, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
+                sync_finished=self._sync_finished(),
+            )  # fmt: skip
         finally:
             model.train(was_training)
         new = out[0, ids.shape[1] :].tolist()
