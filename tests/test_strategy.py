@@ -150,6 +150,12 @@ def test_supported_precisions_keep_lightnings_behaviour(precision, autocast):
         assert torch.is_autocast_enabled("cpu") == autocast
 
 
+def test_cpu_offload_needs_a_gpu():
+    trainer = L.Trainer(strategy=ExpertParallelStrategy(cpu_offload=True), accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match=r"cpu_offload=True moves the training state of a GPU .* device is cpu"):
+        trainer.strategy.setup_environment()  # the first thing fit does with the strategy
+
+
 # ------------------------------------------------------------------------------------------------
 # parallelize helpers: the root, meta-device materialisation, checkpointing
 

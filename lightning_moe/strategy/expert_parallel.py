@@ -203,6 +203,11 @@ class ExpertParallelStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        if self.cpu_offload and self.root_device.type != "cuda":
+            raise ValueError(
+                f"cpu_offload=True moves the training state of a GPU to host memory, but the device is "
+                f"{self.root_device}; use accelerator='gpu', or cpu_offload=False on CPU"
+            )
         world_size = self.num_nodes * self.num_processes
         # Fail before the process group exists when the model is already built.
         if self.lightning_module is not None and any(True for _ in moe_layers(self.lightning_module)):
