@@ -162,3 +162,21 @@ def test_commit_refuses_to_replace_a_file(tmp_path):
     assert dest.read_bytes() == b"single-file checkpoint"
     with pytest.raises(FileNotFoundError, match="nothing to commit"):
         AtomicDirectory(tmp_path / "never").commit()
+
+
+def test_atomic_path_for_writers_that_want_a_file_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lightning_moe.io import atomic_path
+
+    dest = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(dest))
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        save_file({"w": torch.ones(2)}, str(tmp))
+        raise RuntimeError("killed mid-way")
+    assert torch.equal(load_file(str(dest))["w"], torch.zeros(2))  # the old file is untouched
+    with atomic_path(dest) as tmp:
+        assert tmp.parent == dest.parent  # beside the destination, not in $TMPDIR
+        save_file({"w": torch.ones(2)}, str(tmp))
+    assert torch.equal(load_file(str(dest))["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_moe.io.atomic import atomic_file, atomic_path
+
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -41,7 +43,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_config(path: str | os.PathLike, config: dict[str, Any]) -> None:
     """Write ``config.json`` (sorted keys, as ``transformers`` writes it)."""
-    (Path(path) / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_file(Path(path) / CONFIG_NAME, "w") as f:  # a kill leaves the old file or the new one
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class SafetensorsDirectory:
@@ -157,17 +160,20 @@ def write_safetensors(
         shards[-1][name] = tensors[name].detach().to("cpu").contiguous()
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(out / SINGLE_FILE_NAME), metadata=metadata)
+        with atomic_path(out / SINGLE_FILE_NAME) as tmp:
+            save_file(shards[0], str(tmp), metadata=metadata)
         (out / INDEX_NAME).unlink(missing_ok=True)
         return [SINGLE_FILE_NAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map: dict[str, str] = {}
     for file, shard in zip(names, shards, strict=True):
-        save_file(shard, str(out / file), metadata=metadata)
+        with atomic_path(out / file) as tmp:
+            save_file(shard, str(tmp), metadata=metadata)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    with atomic_file(out / INDEX_NAME, "w") as f:  # the index last: it names only complete files
+        f.write(json.dumps(index, indent=2) + "\n")
     return names
 
 
@@ -197,7 +203,8 @@ def copy_tokenizer_files(
         file = Path(src) / name
         if file.is_file():
             Path(dst).mkdir(parents=True, exist_ok=True)
-            (Path(dst) / name).write_bytes(file.read_bytes())
+            with atomic_file(Path(dst) / name) as f:
+                f.write(file.read_bytes())
             copied.append(name)
     return copied
 

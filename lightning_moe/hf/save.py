@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lightning_moe.hf.families import adapter_for
 from lightning_moe.hf.io import INDEX_NAME, copy_tokenizer_files, dtype_name, write_config, write_safetensors
+from lightning_moe.io.atomic import atomic_file, atomic_path
 from lightning_moe.models.decoder import MoEDecoder
 from lightning_moe.moe.layer import MoE
 
@@ -174,10 +175,12 @@ def _save_expert_sharded(
 
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: t.detach().to("cpu").contiguous() for k, t in _cast(mine, dtype).items()}
-        save_file(tensors, str(out / files[ep_rank]), metadata={"format": "pt"})
+        with atomic_path(out / files[ep_rank]) as tmp:  # each file complete or absent, never truncated
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         if ep_rank == 0:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            with atomic_file(out / INDEX_NAME, "w") as f:
+                f.write(json.dumps(index, indent=2) + "\n")
             (out / "model.safetensors").unlink(missing_ok=True)
             write_config(out, hf_config)
             if tokenizer_dir is not None:

@@ -53,6 +53,7 @@ __all__ = [
     "AtomicDirectory",
     "atomic_directory",
     "atomic_file",
+    "atomic_path",
     "atomic_save",
     "fsync_directory",
     "recover_directory",
@@ -112,6 +113,47 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        raise
+    fsync_directory(dest.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (``safetensors.save_file``).
+
+    On a clean exit the file the writer created there is fsynced and renamed over ``path``; on an
+    exception it is deleted and ``path`` is untouched.
+
+    Example::
+
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+
+    Args:
+        path: the destination file.
+
+    Yields:
+        The temporary path (``.<name>.<random>.tmp`` in ``path``'s folder, not yet created).
+
+    Raises:
+        FileNotFoundError: if the writer created no file at the temporary path.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
         raise
     fsync_directory(dest.parent)
 
