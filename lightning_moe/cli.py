@@ -98,7 +98,7 @@ class MoECLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as e:
-            raise ConfigError(_config_error_line(str(e))) from None
+            raise ConfigError(_config_error_line(str(e))) from e  # --debug shows the original
         self._check_ckpt_path()
 
     @override
@@ -108,14 +108,14 @@ class MoECLI(LightningCLI):
         except (argparse.ArgumentError, ValueError, TypeError) as e:
             if isinstance(e, CheckpointLoadError | ConfigError):
                 raise
-            raise ConfigError(_config_error_line(str(e))) from None
+            raise ConfigError(_config_error_line(str(e))) from e
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as e:  # e.g. enable_progress_bar=False with a bar callback
-            raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from None
+            raise ConfigError(f"trainer: {str(e).strip().splitlines()[0]}") from e
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             from lightning_moe.io import AtomicCheckpointIO
 
