@@ -114,7 +114,7 @@ class Attention(nn.Module):
         Returns:
             ``[B, T, D]``.
         """
-        B, T, D = x_BTD.shape
+        B, T, _ = x_BTD.shape
         q_BNTd = self._heads(self.q_proj(x_BTD))
         if memory_BSD is None:
             k_BNSd, v_BNSd = self._heads(self.k_proj(x_BTD)), self._heads(self.v_proj(x_BTD))
@@ -139,7 +139,7 @@ class Attention(nn.Module):
             q_BNTd, k_BNSd, v_BNSd, attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
         )  # fmt: skip
-        return self.out_proj(y_BNTd.transpose(1, 2).reshape(B, T, D))
+        return self.out_proj(y_BNTd.transpose(1, 2).reshape(B, T, -1))  # -1: the local heads under TP
 
     def _mask(self, T: int, S: int, key_padding_mask_BS: Tensor | None, device: torch.device) -> Tensor | None:
         """Bool ``[B or 1, 1, T, S]`` mask, True = may attend; ``None`` when nothing is masked."""

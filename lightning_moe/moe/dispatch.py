@@ -10,6 +10,13 @@ counts go through one all-to-all, rows through a second one with uneven splits, 
 rows are regrouped from (source rank, local expert) to (local expert, source rank) order so that
 each local expert's rows are contiguous. Combine runs the same steps backwards.
 
+With tensor parallelism (``tp_mesh``) the tokens, and the routing, are the same on every rank of
+the tensor-parallel group; DeepSpeed's rule keeps them from reaching the experts once per rank:
+each rank dispatches its ``1/TP`` chunk of the expert-sorted pairs (DTensor ``Replicate ->
+Shard(0)``: the backward gathers the chunks' gradients), and combine gathers the chunks' outputs
+(``Shard(0) -> Replicate``: the backward keeps each rank's chunk) before the weighted sum, which
+every rank then computes alike.
+
 The combine never uses ``index_add``/atomics: every (token, choice) slot is written exactly once,
 so the result is deterministic on every device.
 """
@@ -17,6 +24,7 @@ so the result is deterministic on every device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,6 +66,7 @@ class DispatchState:
         weights_N: combine weight of each kept pair (differentiable).
         num_tokens: T.
         top_k: K.
+        num_pairs: N, kept pairs of every tensor-parallel rank together (TP only).
         send_splits: rows sent to each rank of the expert-parallel group (EP only).
         recv_splits: rows received from each rank (EP only).
         regroup_R: permutation taking received (rank, expert) order to (expert, rank) order (EP only).
@@ -67,6 +76,7 @@ class DispatchState:
     weights_N: Tensor
     num_tokens: int
     top_k: int
+    num_pairs: int = 0
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
     regroup_R: Tensor | None = None
@@ -93,11 +103,21 @@ class TokenDispatcher:
     Args:
         num_experts: E, the global expert count.
         ep: the expert-parallel group; ``None`` for a single process (all experts local).
+        tp_mesh: the 1-D tensor-parallel ``DeviceMesh`` whose ranks hold the same tokens; ``None``
+            without tensor parallelism.
     """
 
-    def __init__(self, num_experts: int, ep: ExpertParallelGroup | None = None) -> None:
+    def __init__(self, num_experts: int, ep: ExpertParallelGroup | None = None, tp_mesh: Any = None) -> None:
         self.num_experts = num_experts
         self.ep = ep if ep is not None and ep.size > 1 else None
+        self.tp_mesh = tp_mesh if tp_mesh is not None and tp_mesh.size() > 1 else None
+
+    def _tp_chunk(self, n: int) -> tuple[int, int]:
+        """``[lo, hi)`` of this tensor-parallel rank's chunk of ``n`` rows (``torch.chunk``'s split, as DTensor's)."""
+        size, rank = self.tp_mesh.size(), self.tp_mesh.get_local_rank()
+        step = -(-n // size)
+        lo = min(n, rank * step)
+        return lo, min(n, lo + step)
 
     @property
     def num_local_experts(self) -> int:
@@ -131,7 +151,18 @@ class TokenDispatcher:
             weights_N=routing.weights.reshape(-1)[pair_index_N],
             num_tokens=T,
             top_k=K,
+            num_pairs=pair_index_N.shape[0],
         )
+        if self.tp_mesh is not None:
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+
+            lo, hi = self._tp_chunk(state.num_pairs)
+            rows_NH = (
+                DTensor.from_local(rows_NH, self.tp_mesh, [Replicate()], run_check=False)
+                .redistribute(self.tp_mesh, [Shard(0)])
+                .to_local()
+            )
+            counts_E = torch.bincount(experts_kept[order][lo:hi], minlength=E)
         if self.ep is None:
             return rows_NH, counts_E, counts_E, state
 
@@ -167,6 +198,13 @@ class TokenDispatcher:
             unsorted = torch.empty_like(rows_RH)
             unsorted[state.regroup_R] = rows_RH
             rows_RH = all_to_all(unsorted, state.send_splits, state.recv_splits, self.ep.group)
+        if self.tp_mesh is not None:
+            from torch.distributed.tensor import DTensor, Shard
+
+            H = rows_RH.shape[-1]
+            rows_RH = DTensor.from_local(
+                rows_RH, self.tp_mesh, [Shard(0)], run_check=False, shape=(state.num_pairs, H), stride=(H, 1)
+            ).full_tensor()
         T, K, H = state.num_tokens, state.top_k, rows_RH.shape[-1]
         weighted_NH = rows_RH * state.weights_N.to(rows_RH.dtype)[:, None]
         slots_TKH = rows_RH.new_zeros(T * K, H).index_copy(0, state.pair_index_N, weighted_NH)

@@ -6,6 +6,7 @@ Legend: T tokens, H hidden, F ffn, E global experts, L local experts, K top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -197,8 +198,21 @@ class MoE(nn.Module):
                 f"num_experts={self.num_experts} is not divisible by expert_parallel_size={ep.size}; "
                 f"choose an expert_parallel_size that divides {self.num_experts}"
             )
-        self.dispatcher = TokenDispatcher(self.num_experts, ep)
+        self.dispatcher = TokenDispatcher(self.num_experts, ep, self.dispatcher.tp_mesh)
         self.expert_offset = ep.rank * (self.num_experts // ep.size)
+
+    def set_tensor_parallel(self, tp_mesh: Any) -> None:
+        """Dispatch only this rank's ``1/TP`` chunk of the routed pairs (the tokens are the same on every TP rank).
+
+        Every rank of ``tp_mesh`` routes the same tokens alike; each sends its chunk of the kept
+        (token, choice) pairs to the experts and the outputs are gathered back before the combine,
+        so each expert sees every token once (DeepSpeed's rule for MoE under tensor parallelism).
+        Statistics (:class:`MoEStats`) then count this rank's share, so that they add up over ranks.
+
+        Args:
+            tp_mesh: the 1-D tensor-parallel ``DeviceMesh``.
+        """
+        self.dispatcher = TokenDispatcher(self.num_experts, self.dispatcher.ep, tp_mesh)
 
     def shard_experts(self, ep: ExpertParallelGroup) -> None:
         """Keep only this rank's experts and exchange tokens over ``ep.group`` from now on.
@@ -305,12 +319,15 @@ class MoE(nn.Module):
 
         self.aux_loss = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         kept_E = kept_E.detach().float()
+        # Under tensor parallelism every TP rank routed the same tokens: count its share only.
+        share = 1.0 / self.dispatcher.tp_mesh.size() if self.dispatcher.tp_mesh is not None else 1.0
+        routed_E = routing.tokens_per_expert.detach().float() * share
         self.last_stats = MoEStats(
-            tokens_per_expert=routing.tokens_per_expert.detach().float(),
+            tokens_per_expert=routed_E,
             kept_per_expert=kept_E,
-            num_tokens=routing.num_tokens.detach().float(),
-            dropped=routing.tokens_per_expert.detach().float().sum() - kept_E.sum(),
-            router_entropy_sum=routing.entropy_sum.float(),
+            num_tokens=routing.num_tokens.detach().float() * share,
+            dropped=routed_E.sum() - kept_E.sum(),
+            router_entropy_sum=routing.entropy_sum.float() * share,
             aux_loss=routing.aux_loss.detach().float(),
             z_loss=routing.z_loss.detach().float(),
         )
@@ -319,7 +336,8 @@ class MoE(nn.Module):
     def _experts_step(self, x_TH: Tensor, routing: RoutingResult) -> tuple[Tensor, Tensor]:
         """Dispatch, expert FFN and combine: ``(y_TH, kept_per_expert_E)``."""
         with torch.autocast(device_type=x_TH.device.type, enabled=False):
-            if self.dispatcher.ep is None and x_TH.shape[0] > 0 and self.experts.uses_triton(x_TH):
+            local = self.dispatcher.ep is None and self.dispatcher.tp_mesh is None
+            if local and x_TH.shape[0] > 0 and self.experts.uses_triton(x_TH):
                 # Every expert local: gather, FFN, scatter and combine fused in the kernels.
                 return self._recomputable(self.experts.fused_forward, x_TH, routing)
             rows_RH, counts_L, kept_E, state = self.dispatcher.dispatch(x_TH, routing)

@@ -60,6 +60,7 @@ from lightning_moe.strategy.parallelize import (
     materialize,
     parallelize,
     synchronize_replicas,
+    validate_tensor_parallel,
 )
 
 STRATEGY_NAME = "expert_parallel"
@@ -86,7 +87,9 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             sharded, non-expert ones over all N data-parallel ranks, experts over their D
             expert-data-parallel ranks; the same speed as ``"ddp"`` on one node at a fraction of
             the memory) or ``"ddp"`` (replicas; experts split over P only).
-        tensor_parallel_size: must be 1 (tensor parallelism is not implemented yet).
+        tensor_parallel_size: T, ranks that split attention heads and dense FFN widths
+            (Megatron-style, the innermost mesh dim: keep it within a node). Each MoE layer then
+            dispatches 1/T of the routed tokens per rank (DeepSpeed's rule). 1 (the default) is off.
         cpu_offload: keep sharded parameters, gradients and the optimizer step in host memory
             (FSDP2's ``CPUOffloadPolicy``; ZeRO-Offload).
         activation_checkpointing: ``None``, ``"full"`` (recompute every transformer block) or
@@ -120,10 +123,12 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             )
         if data_parallel not in DATA_PARALLEL_MODES:
             raise ValueError(f"data_parallel={data_parallel!r} is not supported; choose one of {DATA_PARALLEL_MODES}")
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size} is not implemented yet; use tensor_parallel_size=1"
-            )
+        if (
+            isinstance(tensor_parallel_size, bool)
+            or not isinstance(tensor_parallel_size, int)
+            or tensor_parallel_size < 1
+        ):
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r} must be a positive integer (1: off)")
         if activation_checkpointing not in ACTIVATION_CHECKPOINTING:
             raise ValueError(
                 f"activation_checkpointing={activation_checkpointing!r} is not supported; choose None, 'full' "
@@ -184,11 +189,16 @@ class ExpertParallelStrategy(ModelParallelStrategy):
             ValueError: if W or a layer's ``num_experts`` is not divisible by the size.
         """
         layers = [(name or "<root>", layer.num_experts) for name, layer in moe_layers(module)]
+        T = self.tensor_parallel_size
         size = self._requested_expert_parallel_size
         if size is None:
-            size = default_expert_parallel_size(world_size, ranks_per_node, [e for _, e in layers])
-        dims = ParallelDims(world_size, size, self.tensor_parallel_size, self.data_parallel)
+            # over the data-parallel ranks (W / T), within a node's share of them
+            size = default_expert_parallel_size(
+                max(world_size // T, 1), max(ranks_per_node // T, 1), [e for _, e in layers]
+            )
+        dims = ParallelDims(world_size, size, T, self.data_parallel)
         dims.validate_num_experts(layers)
+        validate_tensor_parallel(module, T)
         return dims
 
     @property
@@ -198,7 +208,7 @@ class ExpertParallelStrategy(ModelParallelStrategy):
         if dims is None:
             return {"num_replicas": self.world_size, "rank": self.global_rank}
         coords = dims.coordinates(self.global_rank)
-        rank = coords["edp"] * dims.expert_parallel_size + coords["ep"]
+        rank = coords["edp"] * dims.expert_parallel_size + coords["ep"]  # TP ranks read the same batch
         return {"num_replicas": dims.data_parallel_size, "rank": rank}
 
     @override

@@ -189,6 +189,8 @@ class ParallelDims:
             )
         mesh = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=self.mesh_dim_names)
         mesh["edp", "ep"]._flatten("dp")
+        if self.tensor_parallel_size > 1:
+            mesh["edp", "tp"]._flatten("edp_tp")  # the ranks an expert shard's gradients are reduced over
         return mesh
 
     def __str__(self) -> str:

@@ -1,7 +1,7 @@
 """Apply expert parallelism, activation checkpointing and FSDP2 to a plain model, in one place.
 
-The order is torchtitan's: tensor parallelism (not yet: ``tensor_parallel_size`` must be 1),
-expert parallelism, activation checkpointing, FSDP2. The model stays a plain ``nn.Module``; the
+The order is torchtitan's: tensor parallelism, expert parallelism, activation checkpointing,
+FSDP2. The model stays a plain ``nn.Module``; the
 placement of every parameter is the table of :mod:`lightning_moe.strategy.mesh`.
 
 FSDP2 units (what one all-gather brings in; :mod:`lightning_moe.strategy.memory` counts them):
@@ -84,11 +84,6 @@ class ParallelizeConfig:
                 f"activation_checkpointing={self.activation_checkpointing!r} is not supported; choose None, "
                 "'full' (recompute every block) or 'experts' (recompute the expert FFN only)"
             )
-        if self.dims.tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={self.dims.tensor_parallel_size} is not implemented yet; use "
-                "tensor_parallel_size=1 (expert and data parallelism)"
-            )
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -149,6 +144,89 @@ def apply_activation_checkpointing(model: nn.Module, mode: str | None) -> None:
     elif mode == "experts":
         for _, layer in moe_layers(model):
             layer.recompute_experts = True
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from lightning_moe.models.decoder import Attention as DecoderAttention
+    from lightning_moe.models.decoder import LatentAttention
+    from lightning_moe.models.transformer import Attention
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, DecoderAttention, LatentAttention))]
+
+
+def validate_tensor_parallel(model: nn.Module, size: int) -> None:
+    """Check that ``model``'s attention heads and dense FFN widths split over ``size`` ranks.
+
+    Raises:
+        ValueError: naming the module and the value that does not divide, or an attention kind
+            that has no tensor-parallel plan (DeepSeek's latent attention, whole-projection q/k norms).
+    """
+    from lightning_moe.models.decoder import LatentAttention
+    from lightning_moe.models.transformer import FeedForward
+
+    if size == 1:
+        return
+    fix = "choose a tensor_parallel_size that divides it, or tensor_parallel_size=1"
+    for name, module in _attention_modules(model):
+        if isinstance(module, LatentAttention):
+            raise ValueError(
+                f"{name} is multi-head latent attention (DeepSeek-V3), which has no tensor-parallel plan here; use "
+                "tensor_parallel_size=1 for this model"
+            )
+        if getattr(module, "qk_norm_mode", None) == "full":
+            raise ValueError(
+                f"{name} normalises whole q/k projections (qk_norm='full'), which cannot be split over ranks; use "
+                "tensor_parallel_size=1 for this model"
+            )
+        for attr in ("n_heads", "n_kv_heads"):
+            heads = getattr(module, attr, None)
+            if heads is not None and heads % size != 0:
+                raise ValueError(f"{name} has {attr}={heads}, not divisible by tensor_parallel_size={size}; {fix}")
+    for name, module in model.named_modules():
+        if isinstance(module, FeedForward) and module.w1.out_features % size != 0:
+            raise ValueError(
+                f"{name} has d_ff={module.w1.out_features}, not divisible by tensor_parallel_size={size}; {fix}"
+            )
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style tensor parallelism of attention and dense FFNs over ``tp_mesh``.
+
+    With ``torch.distributed.tensor.parallel``: q/k/v column-parallel and the output projection
+    row-parallel (each rank computes ``n_heads / TP`` heads), dense FFNs ``w1``/``w3``
+    column-parallel and ``w2`` row-parallel; the activations between blocks stay replicated.
+    Embeddings, norms, the output projection, routers and shared experts stay replicated (no
+    vocabulary parallelism), and each MoE layer dispatches its ``1/TP`` share of the routed pairs
+    (:meth:`~lightning_moe.MoE.set_tensor_parallel`).
+    """
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from lightning_moe.models.transformer import FeedForward
+
+    size = tp_mesh.size()
+    if size == 1:
+        return
+    validate_tensor_parallel(model, size)
+    for _, module in _attention_modules(model):
+        out = "out_proj" if hasattr(module, "out_proj") else "o_proj"
+        plan = {
+            "q_proj": ColwiseParallel(),
+            "k_proj": ColwiseParallel(),
+            "v_proj": ColwiseParallel(),
+            out: RowwiseParallel(),
+        }
+        parallelize_module(module, tp_mesh, plan)
+        module.n_heads //= size
+        if hasattr(module, "n_kv_heads"):
+            module.n_kv_heads //= size
+    for _, module in model.named_modules():
+        if isinstance(module, FeedForward):
+            plan = {"w1": ColwiseParallel(), "w2": RowwiseParallel()}
+            if module.w3 is not None:
+                plan["w3"] = ColwiseParallel()
+            parallelize_module(module, tp_mesh, plan)
+    for _, layer in moe_layers(model):
+        layer.set_tensor_parallel(tp_mesh)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
@@ -225,6 +303,7 @@ def parallelize(model: nn.Module, config: ParallelizeConfig) -> nn.Module:
             "transformer block and MoE layer; ExpertParallelStrategy would neither shard nor reduce them. Move them "
             "into that module (or call it from your LightningModule's forward)"
         )
+    apply_tensor_parallel(model, mesh["tp"])
     apply_expert_parallel(model, mesh["ep"])
     apply_activation_checkpointing(model, config.activation_checkpointing)
     _apply_fsdp(model, root, config)
@@ -252,11 +331,15 @@ def _apply_fsdp(model: nn.Module, root: nn.Module, config: ParallelizeConfig) ->
     dims, mesh = config.dims, config.mesh
     ddp = dims.data_parallel == "ddp"
     dense_mesh = mesh["dp", "shard"] if ddp else mesh["dp"]
-    expert_mesh = mesh["edp", "shard"] if ddp else mesh["edp"]
+    # An expert's data-parallel ranks: its expert-data-parallel replicas and, with tensor parallelism,
+    # the TP ranks (each dispatched a different share of the tokens to it).
+    experts_dim = "edp_tp" if dims.tensor_parallel_size > 1 else "edp"
+    expert_mesh = mesh[experts_dim, "shard"] if ddp else mesh[experts_dim]
     reshard = not ddp
     mp = MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
     offload: OffloadPolicy = CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy()
-    dense_shards, expert_shards = (1, 1) if ddp else (dims.data_parallel_size, dims.expert_data_parallel_size)
+    dense_shards = 1 if ddp else dims.data_parallel_size
+    expert_shards = 1 if ddp else dims.expert_data_parallel_size * dims.tensor_parallel_size
     common: dict[str, Any] = {"offload_policy": offload, "reshard_after_forward": reshard}
     # gloo has no pre-multiplied sum for the divide factor: reduce with a plain sum, then divide. (Not
     # where the shard group has one rank: FSDP2 then divides in its copy and would divide twice.)
