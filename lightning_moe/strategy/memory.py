@@ -288,8 +288,8 @@ def _validate(
             raise ValueError(f"{name}={value!r} must be a positive integer")
     if tensor_parallel_size != 1:
         raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} is not modelled: ExpertParallelStrategy has no tensor "
-            "parallelism yet; use tensor_parallel_size=1"
+            f"tensor_parallel_size={tensor_parallel_size} is not modelled by the estimator yet (the strategy "
+            "supports it); estimate with tensor_parallel_size=1 and divide attention and dense FFN state by it"
         )
     if data_parallel not in DATA_PARALLEL_MODES:
         raise ValueError(f"data_parallel={data_parallel!r} is not supported; choose 'fsdp' or 'ddp'")
@@ -342,7 +342,7 @@ def estimate_memory(
         world_size: W, GPUs.
         expert_parallel_size: P, GPUs that split each MoE layer's experts.
         data_parallel: ``"fsdp"`` (ZeRO-3) or ``"ddp"`` (replicated non-expert state).
-        tensor_parallel_size: must be 1 (the strategy has no tensor parallelism yet).
+        tensor_parallel_size: must be 1 (tensor parallelism is not modelled yet).
         cpu_offload: parameters, gradients and optimizer state in host memory.
         activation_checkpointing: ``None``, ``"full"`` or ``"experts"``.
         precision: ``"32-true"``, ``"bf16-mixed"`` or ``"bf16-true"``.
