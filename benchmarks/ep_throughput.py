@@ -1,23 +1,26 @@
-"""Expert-parallel training throughput: tokens/s per GPU and time in all-to-all.
+"""Expert-parallel training throughput and weak scaling: tokens/s per GPU, collective time, memory.
 
 Trains the GPT MoE language model (``LanguageModelModule``, bf16-mixed, synthetic tokens) through
-Lightning in four configurations with the same per-GPU batch:
+Lightning at the same per-GPU batch in each configuration:
 
 - ``1gpu``: one GPU, Lightning's single-device strategy (the baseline);
-- ``ddp``: 2 GPUs, Lightning's plain ``DDPStrategy`` (every expert replicated, for reference);
-- ``ep1``: 2 GPUs, ``ExpertParallelStrategy(expert_parallel_size=1)`` (DDP-equivalent);
-- ``ep2``: 2 GPUs, ``ExpertParallelStrategy(expert_parallel_size=2)`` (4 of 8 experts per GPU).
+- ``ddp``: all GPUs, Lightning's plain ``DDPStrategy`` (every expert replicated, for reference);
+- ``<fsdp|ddp>_ep<P>[_tp<T>]_n<N>``: ``ExpertParallelStrategy(data_parallel=..., expert_parallel_size=P,
+  tensor_parallel_size=T)`` on N GPUs, e.g. ``fsdp_ep4_n4``, ``ddp_ep2_n2``, ``fsdp_ep2_tp2_n4``
+  (``ep1`` and ``ep2`` are the 2-GPU ``fsdp_ep1_n2`` and ``fsdp_ep2_n2``).
 
 Tokens/s per GPU counts the tokens one GPU trains on per second between two CUDA
-synchronisations around the timed steps (after warm-up). All-to-all time is measured with CUDA
-events around every ``all_to_all_single`` call (counts and tokens, forward and backward); it
-includes waiting for the slower peer. Expert-gradient all-reduce time is measured the same way.
+synchronisations around the timed steps (after warm-up); with T > 1 the T ranks of a data-parallel
+rank share one batch. Collective time is measured with CUDA events around every call (it includes
+waiting for the slower peer): ``all_to_all_single`` (the MoE dispatch, counts and tokens, forward
+and backward), ``all_reduce``, and FSDP2's ``all_gather_into_tensor`` / ``reduce_scatter_tensor``.
+Each configuration's peak memory is printed next to ``estimate_memory``'s.
 
-Usage (2 GPUs; NCCL with NVLink multicast off)::
+Usage (N GPUs; NCCL with NVLink multicast off)::
 
-    python benchmarks/ep_throughput.py --all --json results.json
-    python benchmarks/ep_throughput.py --config ep2            # one configuration
-    python benchmarks/ep_throughput.py --all --cpu-smoke        # tiny model, CPU, gloo: checks the script
+    python benchmarks/ep_throughput.py --all --gpus 8 --json results.json   # 1gpu, fsdp EP=1..8, ddp, TP=2
+    python benchmarks/ep_throughput.py --config fsdp_ep2_n2                   # one configuration
+    python benchmarks/ep_throughput.py --all --gpus 2 --cpu-smoke             # tiny model, CPU, gloo
 """
 
 from __future__ import annotations
@@ -41,12 +44,35 @@ for _var, _value in (
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-CONFIGS = {
-    "1gpu": {"devices": 1, "strategy": "single"},
-    "ddp": {"devices": 2, "strategy": "ddp"},
-    "ep1": {"devices": 2, "strategy": "ep", "ep": 1},
-    "ep2": {"devices": 2, "strategy": "ep", "ep": 2},
-}
+ALIASES = {"ep1": "fsdp_ep1_n2", "ep2": "fsdp_ep2_n2"}
+
+
+def parse_config(name: str, gpus: int = 2) -> dict:
+    """``1gpu``, ``ddp`` (plain DDPStrategy on ``gpus``) or ``<fsdp|ddp>_ep<P>[_tp<T>]_n<N>``."""
+    name = ALIASES.get(name, name)
+    if name == "1gpu":
+        return {"devices": 1, "strategy": "single"}
+    if name == "ddp":
+        return {"devices": gpus, "strategy": "ddp"}
+    parts = name.split("_")
+    mode = parts[0]
+    fields = {p[:2]: int(p[2:]) for p in parts[1:] if p[:2] in ("ep", "tp")}
+    for p in parts[1:]:
+        if p.startswith("n"):
+            fields["n"] = int(p[1:])
+    if mode not in ("fsdp", "ddp") or "ep" not in fields or "n" not in fields:
+        raise ValueError(f"configuration {name!r} is not 1gpu, ddp or <fsdp|ddp>_ep<P>[_tp<T>]_n<N>")
+    return {"devices": fields["n"], "strategy": "ep", "mode": mode, "ep": fields["ep"], "tp": fields.get("tp", 1)}
+
+
+def default_configs(gpus: int, experts: int) -> list[str]:
+    """The weak-scaling sweep on ``gpus`` GPUs: 1 GPU, FSDP at every EP size, DDP at the largest, TP=2."""
+    sizes = [p for p in range(1, gpus + 1) if gpus % p == 0 and experts % p == 0 and p & (p - 1) == 0]
+    configs = ["1gpu", *(f"fsdp_ep{p}_n{gpus}" for p in sizes), f"ddp_ep{sizes[-1]}_n{gpus}"]
+    if gpus >= 2 and gpus % 2 == 0:
+        tp_ep = max(p for p in sizes if p <= gpus // 2)
+        configs.append(f"fsdp_ep{tp_ep}_tp2_n{gpus}")
+    return configs
 
 
 class CollectiveTimer:
@@ -54,14 +80,24 @@ class CollectiveTimer:
 
     def __init__(self) -> None:
         self.enabled = False
-        self.records: dict[str, list] = {"all_to_all": [], "all_reduce": []}
-        self.calls = {"all_to_all": 0, "all_reduce": 0}
-        self._orig = {"all_to_all": dist.all_to_all_single, "all_reduce": dist.all_reduce}
-        dist.all_to_all_single = self._wrap("all_to_all")
-        dist.all_reduce = self._wrap("all_reduce")
+        # FSDP2 calls all_gather_single / reduce_scatter_single (torch >= 2.13) or the *_tensor forms.
+        names = [
+            ("all_to_all", "all_to_all_single"),
+            ("all_reduce", "all_reduce"),
+            ("all_gather", "all_gather_into_tensor"),
+            ("all_gather", "all_gather_single"),
+            ("reduce_scatter", "reduce_scatter_tensor"),
+            ("reduce_scatter", "reduce_scatter_single"),
+        ]
+        self.records: dict[str, list] = {kind: [] for kind, _ in names}
+        self.calls = {kind: 0 for kind, _ in names}
+        self._orig = {fn: getattr(dist, fn) for _, fn in names if hasattr(dist, fn)}
+        for kind, fn in names:
+            if fn in self._orig:
+                setattr(dist, fn, self._wrap(kind, fn))
 
-    def _wrap(self, kind: str):
-        orig = self._orig[kind]
+    def _wrap(self, kind: str, fn: str):
+        orig = self._orig[fn]
 
         def timed(*args, **kwargs):
             if not self.enabled:
@@ -127,7 +163,7 @@ def run_config(name: str, args: argparse.Namespace) -> None:
 
     from lightning_moe.strategy import ExpertParallelStrategy
 
-    cfg = CONFIGS[name]
+    cfg = parse_config(name, args.gpus)
     timer = CollectiveTimer()
     cpu = args.cpu_smoke
     L.seed_everything(0, verbose=False)
@@ -148,7 +184,9 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     class Data(L.LightningDataModule):
         def train_dataloader(self):
             n = (args.warmup + args.steps + 2) * args.batch
-            return DataLoader(Tokens(n, self.trainer.global_rank), batch_size=args.batch, num_workers=2)
+            # the T ranks of a data-parallel rank read one batch (their replicated activations)
+            rank = self.trainer.global_rank // cfg.get("tp", 1)
+            return DataLoader(Tokens(n, rank), batch_size=args.batch, num_workers=2)
 
     class Meter(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -175,6 +213,8 @@ def run_config(name: str, args: argparse.Namespace) -> None:
                     timer.total_ms("all_to_all") / args.steps,
                     timer.total_ms("all_reduce") / args.steps,
                     0.0 if cpu else torch.cuda.max_memory_allocated() / 2**30,
+                    timer.total_ms("all_gather") / args.steps,
+                    timer.total_ms("reduce_scatter") / args.steps,
                 ],
                 dtype=torch.float64,
                 device=pl_module.device,
@@ -191,7 +231,12 @@ def run_config(name: str, args: argparse.Namespace) -> None:
                     "all_to_all_calls_per_step": timer.calls["all_to_all"] / args.steps,
                     "expert_allreduce_ms_per_step": float(every[:, 3].mean()),
                     "peak_mem_gib": float(every[:, 4].max()),
+                    "fsdp_all_gather_ms_per_step": float(every[:, 5].mean()),
+                    "fsdp_reduce_scatter_ms_per_step": float(every[:, 6].mean()),
+                    "estimated_peak_gib": _estimate_gib(args, cfg),
                     "per_gpu_batch_tokens": args.batch * args.seq,
+                    "data_parallel": cfg.get("mode"),
+                    "tensor_parallel_size": cfg.get("tp", 1),
                 }
                 Path(args.json).write_text(json.dumps(result))
             trainer.should_stop = True
@@ -201,7 +246,9 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     elif cfg["strategy"] == "ddp":
         strategy = L.pytorch.strategies.DDPStrategy()
     else:
-        strategy = ExpertParallelStrategy(expert_parallel_size=cfg["ep"])
+        strategy = ExpertParallelStrategy(
+            expert_parallel_size=cfg["ep"], data_parallel=cfg["mode"], tensor_parallel_size=cfg["tp"]
+        )
     trainer = L.Trainer(
         accelerator="cpu" if cpu else "gpu",
         devices=cfg["devices"],
@@ -220,34 +267,47 @@ def run_config(name: str, args: argparse.Namespace) -> None:
     trainer.fit(build_module(args), datamodule=Data())
 
 
+def _estimate_gib(args: argparse.Namespace, cfg: dict) -> float | None:
+    """``estimate_memory``'s peak for this configuration (None where it does not model it)."""
+    if cfg["strategy"] != "ep" or cfg.get("tp", 1) != 1:
+        return None
+    from lightning_moe.strategy.memory import estimate_memory
+
+    config = build_module(args).config(args.vocab)
+    est = estimate_memory(
+        config, batch_size=args.batch, seq_len=args.seq, world_size=cfg["devices"], expert_parallel_size=cfg["ep"],
+        data_parallel=cfg["mode"], precision="32-true" if args.cpu_smoke else "bf16-mixed",
+        moe_backend=args.backend if args.backend != "auto" else "triton",
+    )  # fmt: skip
+    return est.total / 2**30
+
+
 def markdown_table(results: list[dict]) -> str:
     base = next((r for r in results if r["config"] == "1gpu"), None)
     lines = [
-        "| configuration | GPUs | EP | tokens/s per GPU | vs 1 GPU | step (ms) | all-to-all (ms/step) "
-        "| expert grad all-reduce (ms/step) | peak memory (GiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| configuration | GPUs | EP | TP | tokens/s per GPU | vs 1 GPU | step (ms) | all-to-all (ms/step) "
+        "| FSDP all-gather + reduce-scatter (ms/step) | all-reduce (ms/step) | peak memory (GiB) | estimated (GiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    names = {
-        "1gpu": "1 GPU (single device)",
-        "ddp": "2 GPUs, DDPStrategy",
-        "ep1": "2 GPUs, EP=1",
-        "ep2": "2 GPUs, EP=2",
-    }
     for r in results:
         ratio = f"{100 * r['tokens_per_s_per_gpu'] / base['tokens_per_s_per_gpu']:.1f}%" if base else "-"
+        fsdp = r.get("fsdp_all_gather_ms_per_step", 0.0) + r.get("fsdp_reduce_scatter_ms_per_step", 0.0)
+        est = r.get("estimated_peak_gib")
         lines.append(
-            f"| {names[r['config']]} | {r['devices']} | {r['expert_parallel_size'] or '-'} "
+            f"| {r['config']} | {r['devices']} | {r['expert_parallel_size'] or '-'} | {r.get('tensor_parallel_size', 1)} "
             f"| {r['tokens_per_s_per_gpu']:,.0f} | {ratio} | {r['step_ms']:.1f} | {r['all_to_all_ms_per_step']:.2f} "
-            f"| {r['expert_allreduce_ms_per_step']:.2f} | {r['peak_mem_gib']:.1f} |"
+            f"| {fsdp:.2f} | {r['expert_allreduce_ms_per_step']:.2f} | {r['peak_mem_gib']:.1f} "
+            f"| {'-' if est is None else f'{est:.1f}'} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), help="run one configuration")
+    parser.add_argument("--config", help="run one configuration (see the module docstring)")
     parser.add_argument("--all", action="store_true", help="run every configuration in turn")
-    parser.add_argument("--configs", default="1gpu,ddp,ep1,ep2", help="with --all: which, comma-separated")
+    parser.add_argument("--gpus", type=int, default=2, help="GPUs of the sweep (and of the plain ddp configuration)")
+    parser.add_argument("--configs", default=None, help="with --all: which, comma-separated (default: the sweep)")
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU with gloo")
     parser.add_argument("--d-model", type=int, default=1024)
@@ -276,7 +336,8 @@ def main() -> None:
         parser.error("pass --config NAME or --all")
     results = []
     passthrough = [a for a in sys.argv[1:] if a != "--all"]
-    for i, name in enumerate(args.configs.split(",")):
+    names = args.configs.split(",") if args.configs else default_configs(args.gpus, args.experts)
+    for i, name in enumerate(names):
         out = os.path.join(tempfile.gettempdir(), f"ep_throughput_{name}.json")
         if os.path.exists(out):
             os.remove(out)
