@@ -224,7 +224,7 @@ def test_materialisation_refuses_modules_it_cannot_initialise():
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpointed_blocks_keep_the_aux_loss_gradient(use_reentrant):
     torch.manual_seed(0)
-    config = _gpt_config(aux_loss_weight=0.1, z_loss_weight=0.01, capacity_factor=1.0)
+    config = _gpt_config(aux_loss_weight=0.1, z_loss_weight=0.01, capacity_factor=1.0, dropout=0.0)
     model = GPT(config)
     ids = torch.randint(config.vocab_size, (3, 10))
     grads = []
@@ -246,6 +246,25 @@ def test_checkpointed_blocks_keep_the_aux_loss_gradient(use_reentrant):
     for other in grads[1:]:
         for name, grad in grads[0].items():
             torch.testing.assert_close(other[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    # ... and under torch.compile of the (checkpointed) blocks (aot_eager: dynamo and AOTAutograd, no codegen).
+    for mode in ("full", "experts"):
+        m = GPT(config)
+        m.load_state_dict(model.state_dict())
+        if mode == "full":
+            for block in transformer_blocks(m):
+                _checkpoint_block(block, use_reentrant=use_reentrant)
+        else:
+            for _, layer in moe_layers(m):
+                layer.recompute_experts = True
+        for block in transformer_blocks(m):
+            block.compile(backend="aot_eager")
+        torch.manual_seed(1)
+        (F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()) + m.moe_aux_loss()).backward()
+        for name, param in m.named_parameters():
+            name = name.replace("_orig_mod.", "")
+            torch.testing.assert_close(
+                param.grad, grads[0][name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}"
+            )
     # The aux loss alone reaches the router through the checkpointed blocks.
     m = GPT(config)
     for block in transformer_blocks(m):
