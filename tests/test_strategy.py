@@ -313,12 +313,14 @@ def test_expert_parameters_are_the_routed_experts_only():
 def test_consolidate_command_reads_the_legacy_format(tmp_path, capsys):
     from pathlib import Path
 
-    from lightning_moe.strategy.consolidate import main
+    from lightning_moe.cli import main
 
     data = Path(__file__).parent / "data"
     expected = torch.load(data / "legacy_ep2_step4_expected.pt", weights_only=True)
-    main([str(data / "legacy_ep2_step4.ckpt"), str(tmp_path / "model.ckpt"), "--weights-only"])
-    assert "every expert once" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["consolidate", str(data / "legacy_ep2_step4.ckpt"), str(tmp_path / "model.ckpt"), "--weights-only"])
+    assert exc.value.code == 0
+    assert "2 MoE layers, experts [4, 4]" in capsys.readouterr().out
     plain = torch.load(tmp_path / "model.ckpt", weights_only=False)
     assert "optimizer_states" not in plain and plain["epoch"] == 0
     for key, value in expected["state_dict"].items():

@@ -22,6 +22,7 @@ from lightning_moe.moe.backend import local_tensor, uses_triton, validate_backen
 from lightning_moe.moe.router import RoutingResult
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+WEIGHT_NAMES = ("w1", "w2", "w3")  # the stacked weights of GroupedExperts (w3: SwiGLU only)
 
 
 def _grouped_mm_supported(x_NH: Tensor, w_EHF: Tensor) -> bool:

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_moe.io.atomic import AtomicDirectory, atomic_save, recover_directory
 from lightning_moe.strategy.legacy_checkpoint import (
@@ -363,11 +362,6 @@ def consolidate_checkpoint(
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     atomic_save(checkpoint, dst)
     return checkpoint
-
-
-def tensor_count(checkpoint: Mapping[str, Any]) -> int:
-    """Number of tensors in a checkpoint's ``state_dict`` (for reports)."""
-    return sum(isinstance(v, Tensor) for v in checkpoint.get(MODEL_KEY, {}).values())
 
 
 __all__ = [

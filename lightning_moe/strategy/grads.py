@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lightning_moe.moe.experts import WEIGHT_NAMES as EXPERT_WEIGHT_NAMES
 from lightning_moe.moe.layer import moe_layers
-
-EXPERT_WEIGHT_NAMES = ("w1", "w2", "w3")
 
 
 def expert_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -33,7 +33,7 @@ the rest (``step``) is the same on every rank and stays in ``common.pt``.
 Every expert is stored exactly once. Loading checks that every expert of every layer is present in
 exactly one shard and that the expert counts match the model, and re-slices the rows for the
 loading rank, so a checkpoint written at one P loads at any other. :func:`consolidate_checkpoint`
-(``python -m lightning_moe.strategy.consolidate SRC DST``) turns the directory into one ordinary
+(``lightning-moe consolidate SRC DST``) turns the directory into one ordinary
 Lightning checkpoint file (full ``[E, ...]`` expert tensors),
 which ``LightningModule.load_from_checkpoint`` and ``lightning-moe translate`` read, and which
 the strategy also resumes from at any P.

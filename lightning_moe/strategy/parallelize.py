@@ -47,11 +47,11 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_moe.moe.backend import local_tensor
 from lightning_moe.moe.dispatch import ExpertParallelGroup
+from lightning_moe.moe.experts import WEIGHT_NAMES as EXPERT_WEIGHT_NAMES
 from lightning_moe.moe.layer import MoE, moe_layers
 from lightning_moe.strategy.mesh import ParallelDims
 
 ACTIVATION_CHECKPOINTING: tuple[str | None, ...] = (None, "full", "experts")
-EXPERT_WEIGHT_NAMES: tuple[str, ...] = ("w1", "w2", "w3")
 ROOT_FORWARD_METHODS: tuple[str, ...] = ("encode", "decode")
 
 
