@@ -1,15 +1,18 @@
-"""Apply expert parallelism, activation checkpointing and FSDP2 to a plain model, in one place.
+"""Apply tensor parallelism, expert parallelism, activation checkpointing and FSDP2 to a plain model.
 
-The order is torchtitan's: tensor parallelism, expert parallelism, activation checkpointing,
-FSDP2. The model stays a plain ``nn.Module``; the
-placement of every parameter is the table of :mod:`lightning_moe.strategy.mesh`.
+One place, torchtitan's order: tensor parallelism, expert parallelism, activation checkpointing,
+FSDP2. The model stays a plain ``nn.Module``; the placement of every parameter is the table of
+:mod:`lightning_moe.strategy.mesh`.
 
 FSDP2 units (what one all-gather brings in; :mod:`lightning_moe.strategy.memory` counts them):
 
 - each MoE layer's routed experts (sharded over the expert-data-parallel ranks only, with the
   gradient divided by N instead of D);
 - each transformer block (attention, norms, dense FFN or the MoE layer's router and shared
-  experts).
+  experts);
+- the root: the smallest module with a ``forward`` that holds every block and MoE layer
+  (embeddings, positions, final norms, an untied head). Its ``encode``/``decode`` methods, where
+  they exist (the encoder-decoder), are FSDP entry points too.
 
 Why the router is not a unit of its own: a unit's backward collectives run where autograd reaches
 its inputs and outputs. For the experts that is a fixed point between the two all-to-alls of the
@@ -17,9 +20,6 @@ layer, but the router's input gradient is ready at a data-dependent moment, so i
 would run in a different order relative to the next block's all-gather on different ranks, and
 collectives on the same group in different orders hang. Inside the block unit its gradient is
 reduced with the block's. The router still computes in float32 (from the gathered weight).
-- the root: the smallest module with a ``forward`` that holds every block and MoE layer
-  (embeddings, positions, final norms, an untied head). Its ``encode``/``decode`` methods, where
-  they exist (the encoder-decoder), are FSDP entry points too.
 
 A parameter outside the root is an error: it would be neither sharded nor reduced.
 """
