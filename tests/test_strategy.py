@@ -71,7 +71,7 @@ def test_default_expert_parallel_size(world, per_node, experts, expected):
         (dict(expert_parallel_size=True), "must be a positive integer"),
         (dict(data_parallel="zero"), "data_parallel='zero' is not supported"),
         (dict(activation_checkpointing="selective"), "activation_checkpointing='selective' is not supported"),
-        (dict(tensor_parallel_size=2), "tensor_parallel_size=2 is not implemented yet"),
+        (dict(tensor_parallel_size=0), "tensor_parallel_size=0 must be a positive integer"),
     ],
 )
 def test_constructor_rejects_bad_settings(kwargs, message):
