@@ -152,6 +152,15 @@ class _Recorder(L.Callback):
             torch.save(grads, self.out / "grads.pt")
 
     def on_train_end(self, trainer, pl_module):
+        if isinstance(trainer.strategy, ExpertParallelStrategy):
+            # Each rank's bytes of optimizer state (Adam moments): its shards.
+            opt = trainer.optimizers[0]
+            moments = {
+                n: sum((v.to_local() if hasattr(v, "to_local") else v).numel() for k, v in opt.state[p].items()
+                       if k in ("exp_avg", "exp_avg_sq"))
+                for n, p in pl_module.named_parameters()
+            }  # fmt: skip
+            torch.save(moments, self.out / f"local_moments_rank{trainer.global_rank}.pt")
         losses = torch.stack(pl_module.step_losses) if pl_module.step_losses else torch.zeros(0)
         losses = trainer.strategy.reduce(losses, reduce_op="mean")
         final = {n: _full(p) for n, p in pl_module.named_parameters()}
@@ -311,15 +320,29 @@ def test_with_capacity_and_aux_loss_two_ranks_equal_one_process_playing_both(tmp
 
 @pytest.mark.distributed
 def test_each_rank_stores_one_nth_of_the_model(runs):
-    total = sum(p.numel() for p in _load(runs["ref"], "final.pt").values())
-    for name, world in (("fsdp_ep2", 2), ("fsdp_2x2", 4)):
-        local = [_load(runs[name], f"local_numel_rank{r}.pt") for r in range(world)]
-        print(f"{name}: parameters {total}, per rank {local}")
-        assert sum(local) == total  # every element stored once (no padding: every dim 0 divides)
-        assert max(local) - min(local) <= total // world // 4  # and about evenly
-    ddp = [_load(runs["ddp_ep2"], f"local_numel_rank{r}.pt") for r in range(2)]
-    experts = sum(v.numel() for k, v in _load(runs["ref"], "final.pt").items() if ".experts." in k)
-    assert ddp == [total - experts // 2] * 2  # replicas, experts split over P = 2
+    """Parameters and Adam moments: with "fsdp" each of N ranks holds 1/N of the dense ones and 1/N of
+    the experts (P x D = N); with "ddp" the dense ones are whole and the experts split over P."""
+    final = _load(runs["ref"], "final.pt")
+    total = {"dense": 0, "expert": 0}
+    for name, value in final.items():
+        total["expert" if ".experts." in name else "dense"] += value.numel()
+
+    def split(table: dict) -> dict:
+        out = {"dense": 0, "expert": 0}
+        for name, numel in table.items():
+            out["expert" if ".experts." in name else "dense"] += numel
+        return out
+
+    for name, world in (("fsdp_ep2", 2), ("fsdp_ep1", 2), ("fsdp_2x2", 4)):
+        for rank in range(world):
+            params = split({n: t.numel() for n, t in _load(runs[name], f"local_rank{rank}.pt").items()})
+            moments = split(_load(runs[name], f"local_moments_rank{rank}.pt"))
+            print(f"{name} rank {rank}: parameters {params}, Adam moments {moments} of {total}")
+            assert params == {k: v // world for k, v in total.items()}, (name, rank)
+            assert moments == {k: 2 * v // world for k, v in total.items()}, (name, rank)
+    for rank in range(2):
+        params = split({n: t.numel() for n, t in _load(runs["ddp_ep2"], f"local_rank{rank}.pt").items()})
+        assert params == {"dense": total["dense"], "expert": total["expert"] // 2}
 
 
 def _expected_restore(ckpt: Path) -> tuple[dict, dict]:
