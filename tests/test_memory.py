@@ -292,7 +292,8 @@ def test_dropout_masks_are_one_byte_per_element():
 def test_shard_numel_pads_like_fsdp2():
     assert shard_numel((10, 3), 4) == 3 * 3  # ceil(10 / 4) = 3 rows
     assert shard_numel((8, 3), 4) == 2 * 3
-    assert shard_numel((2, 6), 4) == 2 * 2  # 2 < 4 rows: the largest dim (6) is split, ceil(6 / 4) = 2
+    assert shard_numel((2, 8), 4) == 2 * 2  # 2 < 4 rows: another dim that divides evenly (8) is split
+    assert shard_numel((2, 6), 4) == 1 * 6  # ... none does (FSDP2 pads dim 0 only): 1 padded row each
     assert shard_numel((5,), 1) == 5
 
 

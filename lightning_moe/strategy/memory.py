@@ -46,6 +46,7 @@ from lightning_moe.strategy.activation_memory import (
     ActivationEstimate,
     estimate_activations,
 )
+from lightning_moe.strategy.mesh import fsdp_shard_dim
 
 DATA_PARALLEL_MODES: tuple[str, ...] = ("fsdp", "ddp")
 OPTIMIZERS: dict[str, int] = {"adamw": 2, "adam": 2, "sgd": 0}  # optimizer state tensors per parameter
@@ -149,11 +150,12 @@ def shard_numel(shape: tuple[int, ...], shards: int) -> int:
     """Elements of one rank's FSDP2 shard of a tensor, padding included.
 
     FSDP2 splits dim 0 into ``shards`` chunks of ``ceil(size / shards)`` rows, padding the last
-    ones; the strategy splits the largest dim instead when dim 0 has fewer rows than shards.
+    ones; the strategy splits another dim instead when dim 0 has fewer rows than shards and one
+    divides evenly (:func:`~lightning_moe.strategy.mesh.fsdp_shard_dim`).
     """
     if shards == 1 or not shape:
         return math.prod(shape)
-    dim = 0 if shape[0] >= shards else max(range(len(shape)), key=lambda d: shape[d])
+    dim = fsdp_shard_dim(shape, shards)
     return -(-shape[dim] // shards) * math.prod(shape) // shape[dim]
 
 

@@ -25,8 +25,8 @@ in code, and :func:`lightning_moe.strategy.parallelize.parallelize` applies it):
 parameters                     ``data_parallel="fsdp"``    ``data_parallel="ddp"``     gradient
 =============================  ==========================  ==========================  ==========================
 non-expert: embeddings,        FSDP2-sharded on ``dp``     replicated on ``dp``        mean over the N data-
-attention, norms, dense FFNs,  (dim 0; the largest dim if  (FSDP2 on ``(dp, shard)``,  parallel ranks
-shared experts, heads          dim 0 < N)                  shard size 1)
+attention, norms, dense FFNs,  (dim 0; see                 (FSDP2 on ``(dp, shard)``,  parallel ranks
+shared experts, heads          :func:`fsdp_shard_dim`)     shard size 1)
 routers (their own FSDP unit,  as above                    as above                    as above
 gathered in float32)
 expert weights                 DTensor ``[E, ...]``,       ``Shard(0)`` on ``ep``,     sum over the EDP group,
@@ -201,6 +201,22 @@ class ParallelDims:
         )
 
 
+def fsdp_shard_dim(shape: Sequence[int], shards: int) -> int:
+    """The dim FSDP2 splits a parameter on: 0, unless it has fewer rows than ``shards``.
+
+    Then the largest other dim that divides evenly by ``shards`` (FSDP2 pads dim 0 only: any other
+    dim must split evenly), which avoids storing mostly padding; dim 0 if none does.
+
+    Args:
+        shape: the (local) shape of the parameter.
+        shards: ranks it is split over.
+    """
+    if not shape or shape[0] >= shards:
+        return 0
+    even = [d for d in range(1, len(shape)) if shape[d] % shards == 0]
+    return max(even, key=lambda d: shape[d]) if even else 0
+
+
 def default_expert_parallel_size(world_size: int, ranks_per_node: int, num_experts: Sequence[int]) -> int:
     """The expert-parallel size chosen when the user gives none.
 
@@ -227,4 +243,4 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-__all__ = ["DATA_PARALLEL_MODES", "PLACEMENTS", "ParallelDims", "default_expert_parallel_size"]
+__all__ = ["DATA_PARALLEL_MODES", "PLACEMENTS", "ParallelDims", "default_expert_parallel_size", "fsdp_shard_dim"]

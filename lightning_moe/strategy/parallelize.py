@@ -49,7 +49,7 @@ from lightning_moe.moe.backend import local_tensor
 from lightning_moe.moe.dispatch import ExpertParallelGroup
 from lightning_moe.moe.experts import WEIGHT_NAMES as EXPERT_WEIGHT_NAMES
 from lightning_moe.moe.layer import MoE, moe_layers
-from lightning_moe.strategy.mesh import ParallelDims
+from lightning_moe.strategy.mesh import ParallelDims, fsdp_shard_dim
 
 ACTIVATION_CHECKPOINTING: tuple[str | None, ...] = (None, "full", "experts")
 ROOT_FORWARD_METHODS: tuple[str, ...] = ("encode", "decode")
@@ -316,13 +316,10 @@ def _parameters_outside(model: nn.Module, root: nn.Module) -> list[str]:
 
 
 def _shard_largest_dim(shards: int):  # type: ignore[no-untyped-def]
-    """FSDP2 placement: dim 0, or the largest dim when dim 0 has fewer rows than shards (less padding)."""
+    """FSDP2's ``shard_placement_fn``: :func:`~lightning_moe.strategy.mesh.fsdp_shard_dim` of the local shape."""
 
     def placement(param: nn.Parameter) -> Shard:
-        shape = local_tensor(param).shape
-        if not shape or shape[0] >= shards:
-            return Shard(0)
-        return Shard(max(range(len(shape)), key=lambda d: shape[d]))
+        return Shard(fsdp_shard_dim(local_tensor(param).shape, shards))
 
     return placement
 
