@@ -63,6 +63,15 @@ def test_default_expert_parallel_size(world, per_node, experts, expected):
     assert default_expert_parallel_size(world, per_node, experts) == expected
 
 
+def test_fsdp_shard_dim_pads_only_dim_0():
+    from lightning_moe.strategy.mesh import fsdp_shard_dim
+
+    assert fsdp_shard_dim((10, 3), 4) == 0  # enough rows: dim 0, padded
+    assert fsdp_shard_dim((2, 8, 12), 4) == 2  # too few rows: the largest dim that divides evenly
+    assert fsdp_shard_dim((1, 16, 20), 8) == 1  # 20 does not divide by 8, 16 does
+    assert fsdp_shard_dim((1, 6, 10), 4) == 0  # none does: dim 0, padded (FSDP2 pads dim 0 only)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

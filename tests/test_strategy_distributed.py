@@ -253,10 +253,10 @@ def launch(cfg: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def train(cfg: dict) -> Path:
+def train(cfg: dict, timeout: float = 300) -> Path:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    proc = launch(cfg)
+    proc = launch(cfg, timeout=timeout)
     assert proc.returncode == 0, f"worker failed ({cfg}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
@@ -375,6 +375,20 @@ def test_checkpoints_reshard_and_continue_the_loss_curve(runs, tmp_path):
                    "out": str(tmp_path / "to_one")})  # fmt: skip
     weights, moments = _expected_restore(second)
     restored = _load(step2, "restored.pt")
+    assert_same(restored["weights"], weights, atol=0)
+    for name, states in moments.items():
+        assert_same(restored["moments"][name], states, atol=0)
+
+
+@pytest.mark.distributed
+def test_eight_ranks_resume_at_two(tmp_path):
+    """8 processes (EP=4 x EDP=2; the shared expert [1, 16, 20] is split on dim 1: 20 does not divide
+    by 8) write a checkpoint that 2 processes (EP=2) restore bit for bit."""
+    big = train({"devices": 8, "ep": 4, "epochs": 1, "out": str(tmp_path / "w8")}, timeout=600)
+    ckpt = big / "ckpts" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt"
+    small = train({"devices": 2, "ep": 2, "resume": str(ckpt), "out": str(tmp_path / "w2")})
+    weights, moments = _expected_restore(ckpt)
+    restored = _load(small, "restored.pt")
     assert_same(restored["weights"], weights, atol=0)
     for name, states in moments.items():
         assert_same(restored["moments"][name], states, atol=0)
