@@ -233,6 +233,9 @@ def load_distributed_checkpoint(
         set_optimizer_state_dict,
     )
 
+    from lightning_moe.io.checkpoint_loader import scan_checkpoint_directory
+
+    scan_checkpoint_directory(path)  # no foreign object in .metadata or meta.pt, before DCP unpickles them
     check_experts(path, experts)
     model_state = {MODEL_KEY: get_model_state_dict(model)}
     dcp.load(model_state, checkpoint_id=str(path))
@@ -246,10 +249,12 @@ def load_distributed_checkpoint(
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The non-tensor part of a distributed checkpoint (``meta.pt``)."""
+    from lightning_moe.io.checkpoint_loader import torch_load_safe
+
     file = Path(path) / META_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: {path} is an incomplete checkpoint; copy the whole directory")
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return torch_load_safe(file)
 
 
 def load_full_into_sharded(
@@ -314,11 +319,16 @@ def read_full_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: on a missing or duplicated expert, or an unreadable checkpoint.
     """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lightning_moe.io.checkpoint_loader import scan_checkpoint_directory, torch_load_safe
+
+    if Path(path).is_dir():
+        scan_checkpoint_directory(path)  # no foreign object in any pickle, before anything is unpickled
     if is_legacy_checkpoint(path):
         return read_legacy_checkpoint(path)
     if not is_distributed_checkpoint(path):
-        return torch.load(path, map_location="cpu", weights_only=False)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+        return torch_load_safe(path)
 
     checkpoint = read_checkpoint_metadata(path)
     experts = {key: (layer, num) for key, (layer, num) in checkpoint.get(FORMAT_KEY, {}).get("experts", {}).items()}
@@ -326,7 +336,7 @@ def read_full_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
         file = Path(tmp) / "whole.pt"
         dcp_to_torch_save(str(path), str(file))
-        tensors = torch.load(file, map_location="cpu", weights_only=False)
+        tensors = torch_load_safe(file)
     checkpoint[MODEL_KEY] = tensors.pop(MODEL_KEY)
     optimizers = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     if optimizers:

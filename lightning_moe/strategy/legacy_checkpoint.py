@@ -222,7 +222,16 @@ def read_legacy_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: if an expert is missing or stored twice.
     """
-    return _load_sharded(path, None, TorchCheckpointIO(), weights_only=False)
+    return _load_sharded(path, None, _SafeIO(), weights_only=True)
+
+
+class _SafeIO(TorchCheckpointIO):
+    """Reads with :func:`lightning_moe.io.checkpoint_loader.torch_load_safe` (the project's allowlist)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        from lightning_moe.io.checkpoint_loader import torch_load_safe
+
+        return torch_load_safe(path)
 
 
 __all__ = ["COMMON_FILE", "CheckpointError", "is_legacy_checkpoint", "read_legacy_checkpoint"]
