@@ -16,10 +16,11 @@ from lightning_moe.data.languages import ISO_639_1, check_language
 from lightning_moe.data.noise import masked_token_count, span_mask
 from lightning_moe.data.sampling import TemperatureSampler, temperature_probabilities
 from lightning_moe.data.text import TextDataModule, load_tokenizer_json, read_text_jsonl
-from lightning_moe.data.tokenizer import SPECIAL_TOKENS, Tokenizer, lang_tag
+from lightning_moe.data.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, lang_tag
 
 __all__ = [
     "ISO_639_1",
+    "PAD_ID",
     "SPECIAL_TOKENS",
     "SPLITS",
     "TASK_DENOISING",

@@ -40,7 +40,7 @@ from lightning_moe.data.corpus import (
 from lightning_moe.data.languages import check_language
 from lightning_moe.data.noise import span_mask
 from lightning_moe.data.sampling import TemperatureSampler, temperature_probabilities
-from lightning_moe.data.tokenizer import Tokenizer, TokenizerCheckpointMixin
+from lightning_moe.data.tokenizer import PAD_ID, Tokenizer, TokenizerCheckpointMixin
 
 __all__ = ["TASK_DENOISING", "TASK_TRANSLATION", "MultilingualDataModule"]
 
@@ -275,7 +275,7 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
     @property
     def pad_id(self) -> int:
         """Padding id (also the loss ``ignore_index``)."""
-        return Tokenizer.pad_id
+        return PAD_ID if self._tokenizer is None else self._tokenizer.pad_id
 
     @property
     def languages(self) -> list[str]:
@@ -350,7 +350,7 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
         return ResumableDataLoader(
             dataset,
             DistributedBatchSampler(sampler, num_replicas, rank),
-            collate_fn=_Collate(Tokenizer.pad_id),
+            collate_fn=_Collate(self.tokenizer.pad_id),
             num_workers=self.num_workers,
             seed=self.seed,
         )
@@ -411,7 +411,7 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
             shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=_Collate(Tokenizer.pad_id),
+            collate_fn=_Collate(self.tokenizer.pad_id),
         )
 
     def _load_corpus(self) -> None:
@@ -478,7 +478,10 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
                 self.requested_vocab_size,
             )
         self._tokenizer = tokenizer
-        encode = tokenizer.encode
+
+        def encode(texts: list[str]) -> list[tuple[int, ...]]:
+            return [tuple(ids) for ids in tokenizer.encode_batch(texts)]
+
         index = {d: i for i, d in enumerate(self._directions)}
 
         by_pair: dict[tuple[str, str], list[ParallelExample]] = {pair: [] for pair in self._pairs}
@@ -486,8 +489,8 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
             by_pair[(example.src_lang, example.tgt_lang)].append(example)
         groups: list[_Group] = []
         for (a, b), examples in by_pair.items():
-            side_a = [tuple(encode(e.src)) for e in examples]
-            side_b = [tuple(encode(e.tgt)) for e in examples]
+            side_a = encode([e.src for e in examples])
+            side_b = encode([e.tgt for e in examples])
             groups.append(_Group(TASK_TRANSLATION, index[f"{a}-{b}"], a, b, side_a, side_b))
             groups.append(_Group(TASK_TRANSLATION, index[f"{b}-{a}"], b, a, side_b, side_a))
         for lang in self._languages:
@@ -495,7 +498,7 @@ class MultilingualDataModule(TokenizerCheckpointMixin, LightningDataModule):
                 {e.src for e in self._splits["train"] if e.src_lang == lang}
                 | {e.tgt for e in self._splits["train"] if e.tgt_lang == lang}
             )
-            encoded = [tuple(encode(s)) for s in sentences]
+            encoded = encode(sentences)
             groups.append(_Group(TASK_DENOISING, index[f"{lang}-{lang}"], lang, lang, encoded, encoded))
         self._groups = groups
         self._eval = {}

@@ -255,9 +255,9 @@ class LanguageModelDataModule(TokenizerCheckpointMixin, LightningDataModule):
         order = list(sentences)
         random.Random(self.seed).shuffle(order)
         ids: list[int] = []
-        for lang, text in order:
+        for (lang, _), encoded in zip(order, tok.encode_batch([text for _, text in order]), strict=True):
             ids.append(tok.lang_token_id(lang))
-            ids.extend(tok.encode(text))
+            ids.extend(encoded)
             ids.append(tok.eos_id)
         return torch.tensor(ids, dtype=torch.long)
 
