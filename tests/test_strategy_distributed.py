@@ -354,6 +354,15 @@ def _expected_restore(ckpt: Path) -> tuple[dict, dict]:
     return full["state_dict"], moments
 
 
+def assert_restored(run: Path, ckpt: Path) -> None:
+    """What ``run`` restored at train start (rank 0, whole tensors) is ``ckpt``'s, bit for bit."""
+    weights, moments = _expected_restore(ckpt)
+    restored = _load(run, "restored.pt")
+    assert_same(restored["weights"], weights, atol=0)
+    for name, states in moments.items():
+        assert_same(restored["moments"][name], states, atol=0)
+
+
 @pytest.mark.distributed
 def test_checkpoints_reshard_and_continue_the_loss_curve(runs, tmp_path):
     ref_losses = _load(runs["ref"], "losses.pt")
@@ -362,22 +371,14 @@ def test_checkpoints_reshard_and_continue_the_loss_curve(runs, tmp_path):
     ckpt = runs["fsdp_2x2"] / "ckpts" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt"
     assert (ckpt / ".metadata").is_file() and (ckpt / "meta.pt").is_file()
     step1 = train({"devices": 2, "ep": 2, "resume": str(ckpt), "out": str(tmp_path / "to_ep2")})
-    weights, moments = _expected_restore(ckpt)
-    restored = _load(step1, "restored.pt")
-    assert_same(restored["weights"], weights, atol=0)
-    for name, states in moments.items():
-        assert_same(restored["moments"][name], states, atol=0)
+    assert_restored(step1, ckpt)
     torch.testing.assert_close(_load(step1, "losses.pt"), ref_losses[half:], rtol=0, atol=1e-5)
     assert_same(_load(step1, "final.pt"), _load(runs["ref"], "final.pt"))
     # The checkpoint the EP=2 run wrote at its end resumes at one process (max_epochs 3: one more epoch).
     second = step1 / "ckpts" / f"epoch=1-step={2 * STEPS_PER_EPOCH}.ckpt"
     step2 = train({"devices": 1, "ep": 1, "mode": "ddp", "resume": str(second), "epochs": 3,
                    "out": str(tmp_path / "to_one")})  # fmt: skip
-    weights, moments = _expected_restore(second)
-    restored = _load(step2, "restored.pt")
-    assert_same(restored["weights"], weights, atol=0)
-    for name, states in moments.items():
-        assert_same(restored["moments"][name], states, atol=0)
+    assert_restored(step2, second)
 
 
 @pytest.mark.distributed
@@ -387,11 +388,7 @@ def test_eight_ranks_resume_at_two(tmp_path):
     big = train({"devices": 8, "ep": 4, "epochs": 1, "out": str(tmp_path / "w8")}, timeout=600)
     ckpt = big / "ckpts" / f"epoch=0-step={STEPS_PER_EPOCH}.ckpt"
     small = train({"devices": 2, "ep": 2, "resume": str(ckpt), "out": str(tmp_path / "w2")})
-    weights, moments = _expected_restore(ckpt)
-    restored = _load(small, "restored.pt")
-    assert_same(restored["weights"], weights, atol=0)
-    for name, states in moments.items():
-        assert_same(restored["moments"][name], states, atol=0)
+    assert_restored(small, ckpt)
 
 
 @pytest.mark.distributed
