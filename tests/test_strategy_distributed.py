@@ -24,6 +24,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import shut_down
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -212,8 +213,10 @@ def run_worker(cfg: dict) -> None:
         loader = DataLoader(TensorDataset(dataset().tensors[0][:5]), batch_size=1)
         predictions = trainer.predict(model, dataloaders=loader)
         torch.save(len(predictions), out / f"predictions_rank{trainer.global_rank}.pt")
+        shut_down()
         return
     trainer.fit(model, ckpt_path=cfg.get("resume"))
+    shut_down()
 
 
 def _kill_while_replacing_last() -> None:

@@ -22,6 +22,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import shut_down
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_moe.models import GPT, GPTConfig
@@ -128,6 +129,7 @@ def run_worker(cfg: dict) -> None:
         deterministic=True, use_distributed_sampler=False,
     )  # fmt: skip
     trainer.fit(module, ckpt_path=cfg.get("resume"))
+    shut_down()
 
 
 def _encoder_decoder_check(out: Path) -> None:
