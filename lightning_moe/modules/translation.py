@@ -313,8 +313,9 @@ class MultitaskTranslationModule(LightningModule):
         """The training objective of ``batch`` and its parts.
 
         Returns:
-            ``{"loss": ce + aux_loss, "ce": label-smoothed CE, "nll": unsmoothed NLL, "aux_loss": MoE aux
-            losses summed over layers}``; token averages over non-padding target tokens.
+            Scalars averaged over the non-padding target tokens: ``loss`` (``ce + aux_loss``), ``ce``
+            (label-smoothed cross-entropy), ``nll`` (unsmoothed) and ``aux_loss`` (the MoE aux losses
+            summed over layers).
         """
         loss_BL, nll_BL, mask_BL = self._forward_losses(batch)
         num_tokens = mask_BL.sum().clamp_min(1)
