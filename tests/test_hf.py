@@ -164,7 +164,7 @@ def test_tokenizer_json_loads_through_tokenizers(tmp_path):
     fast.save_pretrained(tmp_path)
     loaded = load_hf_tokenizer(tmp_path)
     text = "hello mixture of experts world"
-    assert loaded.encode(text).ids == fast(text)["input_ids"]
+    assert loaded.encode(text) == loaded.backend_tokenizer.encode(text).ids == fast(text)["input_ids"]
 
 
 # --- expert parallelism: 2 processes over gloo ------------------------------------------------------

@@ -15,7 +15,7 @@ from lightning_moe.data.datamodule import TASK_DENOISING, TASK_TRANSLATION, Mult
 from lightning_moe.data.languages import ISO_639_1, check_language
 from lightning_moe.data.noise import masked_token_count, span_mask
 from lightning_moe.data.sampling import TemperatureSampler, temperature_probabilities
-from lightning_moe.data.text import TextDataModule, load_tokenizer_json, read_text_jsonl
+from lightning_moe.data.text import TextDataModule, read_text_jsonl
 from lightning_moe.data.tokenizer import PAD_ID, SPECIAL_TOKENS, Tokenizer, lang_tag
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "check_language",
     "hash_split",
     "lang_tag",
-    "load_tokenizer_json",
     "masked_token_count",
     "read_corpus",
     "read_jsonl",

@@ -1,8 +1,8 @@
 """Language-modelling blocks of plain text, tokenized with a Hugging Face ``tokenizer.json``.
 
 For fine-tuning a published model on text: the documents (JSONL files with a text field, or every
-sentence of the bundled corpus) are tokenized with the model's own tokenizer (``tokenizers``
-library), each followed by an optional end-of-sequence token, concatenated, and cut into
+sentence of the bundled corpus) are tokenized with the model's own tokenizer (read by
+:class:`~lightning_moe.data.Tokenizer`, the ``tokenizers`` library), each followed by an optional end-of-sequence token, concatenated, and cut into
 non-overlapping blocks of ``seq_len + 1`` tokens: ``input_ids = block[:-1]``, ``labels = block[1:]``.
 Without validation files, about 5% of the documents (a stable hash of their text) are held out.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -22,26 +21,9 @@ from typing_extensions import override
 
 from lightning_moe.data.batching import DistributedBatchSampler, ResumableDataLoader, ShuffledBatches, replicas_of
 from lightning_moe.data.corpus import CorpusError, bundled_corpus_dir, hash_split, read_corpus
+from lightning_moe.data.tokenizer import Tokenizer
 
-__all__ = ["TextDataModule", "load_tokenizer_json", "read_text_jsonl"]
-
-
-def load_tokenizer_json(path: str | Path) -> Any:
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file or a directory holding one.
-
-    Raises:
-        FileNotFoundError: naming the path when there is no such file.
-    """
-    from tokenizers import Tokenizer
-
-    file = Path(path)
-    if file.is_dir():
-        file = file / "tokenizer.json"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"tokenizer {str(file)!r} does not exist; pass a tokenizer.json file or a model directory that has one"
-        )
-    return Tokenizer.from_file(str(file))
+__all__ = ["TextDataModule", "read_text_jsonl"]
 
 
 def read_text_jsonl(path: str | Path, field: str = "text") -> list[str]:
@@ -127,10 +109,10 @@ class TextDataModule(LightningDataModule):
         self.eos_token = eos_token
         self.max_documents = max_documents
         self.num_workers = num_workers
-        self.tokenizer = load_tokenizer_json(tokenizer)
+        self.tokenizer = Tokenizer.load(tokenizer)
         self.eos_id: int | None = None
         if eos_token is not None:
-            self.eos_id = self.tokenizer.token_to_id(eos_token)
+            self.eos_id = self.tokenizer.backend_tokenizer.token_to_id(eos_token)
             if self.eos_id is None:
                 raise ValueError(
                     f"eos_token={eos_token!r} is not in the tokenizer's vocabulary; pass one of its tokens"
@@ -140,7 +122,7 @@ class TextDataModule(LightningDataModule):
     @property
     def vocab_size(self) -> int:
         """Tokens the tokenizer can produce (the model's vocabulary may be larger)."""
-        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+        return self.tokenizer.vocab_size
 
     def _documents(self) -> dict[str, list[str]]:
         if self.train_files is None:
@@ -161,8 +143,8 @@ class TextDataModule(LightningDataModule):
 
     def _stream(self, texts: list[str]) -> Tensor:
         ids: list[int] = []
-        for encoding in self.tokenizer.encode_batch(texts, add_special_tokens=False):
-            ids.extend(encoding.ids)
+        for encoded in self.tokenizer.encode_batch(texts):
+            ids.extend(encoded)
             if self.eos_id is not None:
                 ids.append(self.eos_id)
         return torch.tensor(ids, dtype=torch.long)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_moe.data.tokenizer import Tokenizer
 from lightning_moe.io.atomic import atomic_file, atomic_path
 
 CONFIG_NAME = "config.json"
@@ -177,21 +178,21 @@ def write_safetensors(
     return names
 
 
-def load_hf_tokenizer(path: str | os.PathLike) -> Any:
-    """The ``tokenizer.json`` of a model directory as a ``tokenizers.Tokenizer``.
+def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a model directory (its ``tokenizer.json``, roles from ``tokenizer_config.json``).
+
+    The project's one tokenizer class, :class:`lightning_moe.data.Tokenizer`;
+    ``.backend_tokenizer`` is the ``tokenizers.Tokenizer``.
 
     Raises:
         FileNotFoundError: if the directory has no ``tokenizer.json``.
     """
-    from tokenizers import Tokenizer
-
-    file = Path(path) / TOKENIZER_NAME
-    if not file.is_file():
+    if not (Path(path) / TOKENIZER_NAME).is_file():
         raise FileNotFoundError(
-            f"{str(file)!r} does not exist; the directory needs a fast-tokenizer file (tokenizer.json), which "
-            "transformers' tokenizer.save_pretrained writes"
+            f"{str(Path(path) / TOKENIZER_NAME)!r} does not exist; the directory needs a fast-tokenizer file "
+            "(tokenizer.json), which transformers' tokenizer.save_pretrained writes"
         )
-    return Tokenizer.from_file(str(file))
+    return Tokenizer.load(path)
 
 
 def copy_tokenizer_files(
