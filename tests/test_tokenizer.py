@@ -79,6 +79,25 @@ def test_legacy_tokenizer_encodes_and_decodes_identically(expected) -> None:
     assert data.tokenizer == tok
 
 
+def test_validate_with_a_legacy_checkpoint_adopts_its_tokenizer(tmp_path) -> None:
+    """A datamodule trains today's tokenizer (other merges); the old checkpoint's wins, in module and data."""
+    import lightning as L
+
+    data = MultilingualDataModule(languages=["de", "ja"], vocab_size=1200, max_length=32, batch_size=64)
+    module = MultitaskTranslationModule(
+        d_model=32, n_heads=2, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0, max_positions=64,
+        moe_every=2, num_experts=4, top_k=2, expert_ffn_size=32, moe_backend="torch", num_eval_examples=0,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=2, default_root_dir=tmp_path,
+    )  # fmt: skip
+    (metrics,) = trainer.validate(module, datamodule=data, ckpt_path=str(LEGACY_CKPT), verbose=False)
+    legacy = tokenizer_from_state(torch.load(LEGACY_CKPT, weights_only=True)["lightning_moe"]["tokenizer"])
+    assert module.tokenizer == data.tokenizer == legacy
+    assert Tokenizer.train(["x"], vocab_size=400) != legacy and 0 < metrics["val/loss"] < 10
+
+
 def test_legacy_recipe_tokenizer_gives_the_same_ids_on_the_whole_bundled_corpus(tmp_path) -> None:
     legacy = json.loads((DATA / "legacy_bpe_bundled.json").read_text(encoding="utf-8"))
     tok = Tokenizer.from_dict(legacy["tokenizer"])

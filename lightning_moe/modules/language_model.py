@@ -186,7 +186,7 @@ class LanguageModelModule(LightningModule):
         saved = checkpoint.get(_CHECKPOINT_KEY, {})
         if saved.get("vocab_size") is not None:
             self._build(int(saved["vocab_size"]))
-        if saved.get("tokenizer") is not None and self.tokenizer is None:
+        if saved.get("tokenizer") is not None:  # the weights' tokenizer (a datamodule restores it too)
             self.tokenizer = tokenizer_from_state(saved["tokenizer"])
 
     @override

@@ -267,16 +267,28 @@ class MultitaskTranslationModule(LightningModule):
         saved = checkpoint.get(_CHECKPOINT_KEY, {})
         tokenizer_state = saved.get("tokenizer")
         if tokenizer_state is not None:
-            if self.tokenizer is not None and tokenizer_to_state(self.tokenizer) != tokenizer_state:
+            restored = tokenizer_from_state(tokenizer_state)  # a legacy one is converted: compare tokenizers
+            if self.tokenizer is not None and restored != self.tokenizer and not self._datamodule_restores(checkpoint):
                 raise ValueError(
                     "the checkpoint's tokenizer differs from the datamodule's; point the datamodule at the "
                     "tokenizer saved with the checkpoint (or train a new model)"
                 )
-            self.attach_tokenizer(tokenizer_from_state(tokenizer_state), saved.get("directions") or None)
+            self.attach_tokenizer(restored, saved.get("directions") or None)
         elif self.model is None and saved.get("vocab_size") is not None:
             self.model = EncoderDecoderTransformer(self.config(int(saved["vocab_size"])))
         if saved.get("directions") and not self.directions:
             self.directions = list(saved["directions"])
+
+    def _datamodule_restores(self, checkpoint: dict[str, Any]) -> bool:
+        """Whether the Trainer's datamodule adopts the checkpoint's tokenizer next (its saved state has one).
+
+        Lightning restores the module before the datamodule: when the datamodule trained its own
+        tokenizer (e.g. a different one than an older version's, whose checkpoint is being resumed or
+        validated) and will switch to the saved one, the module switches now.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
+        return isinstance(state, dict) and state.get("tokenizer") is not None and hasattr(datamodule, "load_state_dict")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> MultitaskTranslationModule:
