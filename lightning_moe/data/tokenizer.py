@@ -185,8 +185,7 @@ class Tokenizer:
         Raises:
             ValueError: If a role is unknown or names a token that is not in the vocabulary.
         """
-        serialized = backend.to_str()
-        self._backend = tokenizers.Tokenizer.from_str(serialized)
+        self._backend = tokenizers.Tokenizer.from_str(backend.to_str())
         # Text is text: "<mask>" typed by a user is spelled, never turned into the mask id.
         self._backend.encode_special_tokens = True
         given = dict(special_tokens or {})
@@ -208,10 +207,9 @@ class Tokenizer:
         self._lang_ids = {lang: i for i, lang in tags}
         self._languages = tuple(lang for _, lang in tags)
         # With the project's decoder (byte fallback, then fuse), decode() joins the bytes itself.
-        probe = tokenizers.Tokenizer(models.BPE())
-        probe.decoder = _decoder()
+        decoder = self._backend.decoder
         self._byte_ids: dict[int, int] | None = None
-        if json.loads(serialized)["decoder"] == json.loads(probe.to_str())["decoder"]:
+        if decoder is not None and decoder.__getstate__() == _decoder().__getstate__():
             vocab = self._backend.get_vocab()
             self._byte_ids = {i: int(m.group(1), 16) for name, i in vocab.items() if (m := _BYTE_RE.fullmatch(name))}
 
